@@ -1,0 +1,240 @@
+//! The plan: for every (batch, query head, query block) a permutation of the
+//! head-dimension columns 0..d, ordered by the inverse-Gray key of each
+//! column's angular-LSH code, ties broken by column index (ALGORITHM.md,
+//! steps 1-3). Consecutive runs of G entries form the groups.
+
+use crate::config::Config;
+use crate::error::{Error, Operand, Result};
+use crate::layout::{check_buffer, check_finite, Layout, Tensor};
+use crate::Element;
+
+/// Position of `code` in the reflected binary Gray sequence: neighbours in
+/// this order differ in one bit, so similar LSH codes sort close together.
+#[inline]
+pub const fn inverse_gray(code: u32) -> u32 {
+    let mut n = code;
+    n ^= n >> 1;
+    n ^= n >> 2;
+    n ^= n >> 4;
+    n ^= n >> 8;
+    n ^= n >> 16;
+    n
+}
+
+/// Dimensions of a plan: `batch * heads * blocks` blocks of `head_dim`
+/// column indices each, stored densely in that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlanShape {
+    pub batch: usize,
+    pub heads: usize,
+    /// Query blocks per head: `ceil(q_len / block_rows)`.
+    pub blocks: usize,
+    pub head_dim: usize,
+    pub block_rows: usize,
+}
+
+impl PlanShape {
+    /// The plan shape for queries of layout `q` (validated) under `cfg`.
+    pub fn new(cfg: &Config<'_>, q: &Layout) -> Result<PlanShape> {
+        cfg.validate_plan_params()?;
+        q.required_len(Operand::Q)?;
+        if q.dim > crate::MAX_HEAD_DIM {
+            return Err(Error::HeadDimTooLarge { got: q.dim, max: crate::MAX_HEAD_DIM });
+        }
+        let shape = PlanShape {
+            batch: q.batch,
+            heads: q.heads,
+            blocks: q.seq.div_ceil(cfg.block_rows),
+            head_dim: q.dim,
+            block_rows: cfg.block_rows,
+        };
+        shape.num_entries()?;
+        Ok(shape)
+    }
+
+    /// Number of `u16` entries: `batch * heads * blocks * head_dim`.
+    pub fn num_entries(&self) -> Result<usize> {
+        self.num_blocks()
+            .checked_mul(self.head_dim)
+            .ok_or(Error::SizeOverflow { operand: Operand::Plan })
+    }
+
+    /// Number of permutations: `batch * heads * blocks`.
+    pub fn num_blocks(&self) -> usize {
+        self.batch.saturating_mul(self.heads).saturating_mul(self.blocks)
+    }
+
+    /// Index of block `(b, h, blk)` among the permutations.
+    #[inline(always)]
+    pub fn block_index(&self, b: usize, h: usize, blk: usize) -> usize {
+        (b * self.heads + h) * self.blocks + blk
+    }
+}
+
+/// A borrowed, validated plan.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanRef<'a> {
+    shape: PlanShape,
+    perm: &'a [u16],
+}
+
+impl<'a> PlanRef<'a> {
+    /// Wraps caller-provided permutations, checking the length and that every
+    /// block is a permutation of `0..head_dim` (a plan from elsewhere, such as
+    /// the GPU, is untrusted input).
+    pub fn new(shape: PlanShape, perm: &'a [u16]) -> Result<Self> {
+        let needed = shape.num_entries()?;
+        if perm.len() != needed {
+            return Err(Error::BufferTooSmall { operand: Operand::Plan, needed, got: perm.len() });
+        }
+        let d = shape.head_dim;
+        let mut seen = [0u64; crate::MAX_HEAD_DIM / 64];
+        for (block, cols) in perm.chunks_exact(d.max(1)).enumerate() {
+            let words = d.div_ceil(64);
+            seen[..words].fill(0);
+            for &c in cols {
+                let c = c as usize;
+                if c >= d || seen[c / 64] & (1 << (c % 64)) != 0 {
+                    return Err(Error::NotAPermutation { block });
+                }
+                seen[c / 64] |= 1 << (c % 64);
+            }
+        }
+        Ok(PlanRef { shape, perm })
+    }
+
+    pub fn shape(&self) -> PlanShape {
+        self.shape
+    }
+
+    /// All permutations, densely `[batch][heads][blocks][head_dim]`.
+    pub fn as_slice(&self) -> &'a [u16] {
+        self.perm
+    }
+
+    /// The permutation of query block `blk` of head `h` in batch `b`.
+    #[inline(always)]
+    pub fn block(&self, b: usize, h: usize, blk: usize) -> &'a [u16] {
+        let d = self.shape.head_dim;
+        let start = self.shape.block_index(b, h, blk) * d;
+        &self.perm[start..start + d]
+    }
+}
+
+/// An owned plan.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    shape: PlanShape,
+    perm: alloc::vec::Vec<u16>,
+}
+
+#[cfg(feature = "alloc")]
+impl Plan {
+    /// Takes ownership of permutations after the same checks as [`PlanRef::new`].
+    pub fn from_vec(shape: PlanShape, perm: alloc::vec::Vec<u16>) -> Result<Self> {
+        PlanRef::new(shape, &perm)?;
+        Ok(Plan { shape, perm })
+    }
+
+    pub fn as_ref(&self) -> PlanRef<'_> {
+        PlanRef { shape: self.shape, perm: &self.perm }
+    }
+
+    pub fn shape(&self) -> PlanShape {
+        self.shape
+    }
+
+    pub fn as_slice(&self) -> &[u16] {
+        &self.perm
+    }
+
+    pub fn into_vec(self) -> alloc::vec::Vec<u16> {
+        self.perm
+    }
+}
+
+/// Length of the `scratch` buffer [`plan_into`] needs: one `u64` per column.
+pub fn plan_scratch_len(head_dim: usize) -> usize {
+    head_dim
+}
+
+/// Computes the plan of `q` into caller buffers, with no allocation.
+///
+/// * `projections`: R from [`crate::projections_into`] for the same config,
+///   row-major `[block_rows][num_projections]`; only the first
+///   `min(block_rows, q_len)` rows are read, so a shorter prefix suffices.
+/// * `out`: at least [`PlanShape::num_entries`] entries; written densely `[batch][heads][blocks][head_dim]`.
+/// * `scratch`: at least [`plan_scratch_len`] entries.
+///
+/// Dot products are accumulated in f64, so the plan is the exact sign
+/// pattern of the f32-rounded inputs. Q must be finite.
+pub fn plan_into<T: Element>(
+    cfg: &Config<'_>,
+    q: &Tensor<'_, T>,
+    projections: &[f32],
+    out: &mut [u16],
+    scratch: &mut [u64],
+) -> Result<PlanShape> {
+    let shape = PlanShape::new(cfg, &q.layout)?;
+    check_buffer(Operand::Q, q.data.len(), &q.layout)?;
+    check_finite(Operand::Q, q)?;
+    // Only the rows a block actually has are read (a short Q needs fewer).
+    let r_len = cfg.num_projections as usize * cfg.block_rows.min(q.layout.seq);
+    if projections.len() < r_len {
+        return Err(Error::BufferTooSmall { operand: Operand::Projections, needed: r_len, got: projections.len() });
+    }
+    let needed = shape.num_entries()?;
+    if out.len() < needed {
+        return Err(Error::BufferTooSmall { operand: Operand::Plan, needed, got: out.len() });
+    }
+    let d = shape.head_dim;
+    if scratch.len() < plan_scratch_len(d) {
+        return Err(Error::BufferTooSmall { operand: Operand::Scratch, needed: d, got: scratch.len() });
+    }
+    let l = &q.layout;
+    let p_count = cfg.num_projections as usize;
+    let keys = &mut scratch[..d];
+    for b in 0..l.batch {
+        for h in 0..l.heads {
+            for blk in 0..shape.blocks {
+                let row0 = blk * cfg.block_rows;
+                let rows = (l.seq - row0).min(cfg.block_rows);
+                for (j, key) in keys.iter_mut().enumerate() {
+                    let mut acc = [0f64; crate::MAX_PROJECTIONS];
+                    for r in 0..rows {
+                        let x = q.data[l.offset(b, row0 + r, h) + j].to_f32() as f64;
+                        let proj = &projections[r * p_count..(r + 1) * p_count];
+                        for (a, &w) in acc.iter_mut().zip(proj) {
+                            *a += x * w as f64;
+                        }
+                    }
+                    let mut code = 0u32;
+                    for (p, &a) in acc[..p_count].iter().enumerate() {
+                        code |= ((a > 0.0) as u32) << p;
+                    }
+                    // (key, column) packed so that sorting the integers is the stable sort.
+                    *key = ((inverse_gray(code) as u64) << 32) | j as u64;
+                }
+                keys.sort_unstable();
+                let start = shape.block_index(b, h, blk) * d;
+                for (o, &key) in out[start..start + d].iter_mut().zip(keys.iter()) {
+                    *o = key as u16;
+                }
+            }
+        }
+    }
+    Ok(shape)
+}
+
+/// Computes the plan of `q` (allocating form of [`plan_into`]).
+#[cfg(feature = "alloc")]
+pub fn plan<T: Element>(cfg: &Config<'_>, q: &Tensor<'_, T>) -> Result<Plan> {
+    let shape = PlanShape::new(cfg, &q.layout)?;
+    let rows_used = Config { block_rows: cfg.block_rows.min(q.layout.seq), ..*cfg };
+    let r = crate::projections(&rows_used)?;
+    let mut perm = crate::try_vec(shape.num_entries()?, 0u16, Operand::Plan)?;
+    let mut scratch = crate::try_vec(plan_scratch_len(shape.head_dim), 0u64, Operand::Scratch)?;
+    plan_into(cfg, q, &r, &mut perm, &mut scratch)?;
+    Ok(Plan { shape, perm })
+}

@@ -1,0 +1,7 @@
+//! DistrAttention for Rust programs: re-exports the `no_std` core and adds
+//! what needs `std`: loading activations from safetensors files and the
+//! error measures of the evaluation.
+pub use distr_attention_core::*;
+
+pub mod activations;
+pub mod metrics;
