@@ -37,7 +37,9 @@ fn parse_args() -> Result<Options, String> {
             "--causal" => o.causal = Some(true),
             "--no-causal" => o.causal = Some(false),
             "--block-rows" => o.block_rows = value(&a)?.parse().map_err(|e| format!("--block-rows: {e}"))?,
-            "--projections" => o.projections = value(&a)?.parse().map_err(|e| format!("--projections: {e}"))?,
+            "--projections" => {
+                o.projections = value(&a)?.parse().map_err(|e| format!("--projections: {e}"))?
+            }
             "--seed" => o.seed = value(&a)?.parse().map_err(|e| format!("--seed: {e}"))?,
             "-h" | "--help" => return Err(String::new()),
             f if f.starts_with('-') => return Err(format!("unknown option {f}")),
@@ -52,7 +54,8 @@ fn parse_args() -> Result<Options, String> {
 
 /// Output of one sample under `cfg` (exact when `exact`), and the time taken.
 fn run(cfg: &Config<'_>, s: &Sample, exact: bool) -> Result<(Vec<f32>, Duration), distr_attention::Error> {
-    let (q, k, v) = (Tensor::new(&s.q, s.q_layout), Tensor::new(&s.k, s.k_layout), Tensor::new(&s.v, s.v_layout));
+    let (q, k, v) =
+        (Tensor::new(&s.q, s.q_layout), Tensor::new(&s.k, s.k_layout), Tensor::new(&s.v, s.v_layout));
     let o_layout = distr_attention::Problem::new(&s.q_layout, &s.k_layout, &s.v_layout)?.output_layout();
     let mut o = vec![0f32; o_layout.num_elements(distr_attention::Operand::Output)?];
     let start = Instant::now();
@@ -113,7 +116,8 @@ fn evaluate(opts: &Options, acts: &Activations) -> Result<(), distr_attention::E
                     let (o, t) = run(&cfg, s, g == 1)?;
                     total += t;
                     if rep == 0 {
-                        let layout = distr_attention::Problem::new(&s.q_layout, &s.k_layout, &s.v_layout)?.output_layout();
+                        let layout = distr_attention::Problem::new(&s.q_layout, &s.k_layout, &s.v_layout)?
+                            .output_layout();
                         errs.extend(head_relative_errors(&o, reference, &layout));
                     }
                 }
@@ -143,7 +147,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("DistrAttention on real activations: relative Frobenius error per head, fast CPU path (1 thread).");
+    println!(
+        "DistrAttention on real activations: relative Frobenius error per head, fast CPU path (1 thread)."
+    );
     for path in &opts.files {
         let result = Activations::load(path, opts.causal)
             .map_err(|e| e.to_string())

@@ -55,8 +55,12 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<
     let bytes = view.data();
     let out = match view.dtype() {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        Dtype::BF16 => {
+            bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
         other => return Err(LoadError(format!("{name}: dtype {other:?} is not f32, f16 or bf16"))),
     };
     Ok(out)
@@ -65,7 +69,9 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<
 fn layout_of(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Layout, LoadError> {
     match *view.shape() {
         [b, s, h, d] if b * s * h * d > 0 => Ok(Layout::contiguous(b, s, h, d)),
-        ref shape => Err(LoadError(format!("{name}: shape {shape:?} is not a non-empty [batch, seq, heads, head_dim]"))),
+        ref shape => Err(LoadError(format!(
+            "{name}: shape {shape:?} is not a non-empty [batch, seq, heads, head_dim]"
+        ))),
     }
 }
 

@@ -20,7 +20,13 @@ impl<'p> Grouping<'p> {
     /// Group size and permutation of block `blk` for query head `h`;
     /// `None` for the permutation means identity with G = 1.
     #[inline]
-    pub(crate) fn block(&self, cfg: &Config<'_>, b: usize, h: usize, blk: usize) -> (usize, Option<&'p [u16]>) {
+    pub(crate) fn block(
+        &self,
+        cfg: &Config<'_>,
+        b: usize,
+        h: usize,
+        blk: usize,
+    ) -> (usize, Option<&'p [u16]>) {
         match self {
             Grouping::Exact => (1, None),
             Grouping::Plan(plan) => {

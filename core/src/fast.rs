@@ -254,11 +254,7 @@ impl RowTile<'_> {
             let base = (self.b * p.q_heads + self.h) * p.q_len + self.r0;
             for (i, l) in lse[base..base + self.rows].iter_mut().enumerate() {
                 let sum = ws.sum[i];
-                *l = if sum > 0.0 {
-                    (ws.m[i] + libm::log2f(sum)) * LN_2
-                } else {
-                    f32::NEG_INFINITY
-                };
+                *l = if sum > 0.0 { (ws.m[i] + libm::log2f(sum)) * LN_2 } else { f32::NEG_INFINITY };
             }
         }
     }

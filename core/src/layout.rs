@@ -64,11 +64,9 @@ impl Layout {
         }
         let overflow = Error::SizeOverflow { operand };
         let mut last = self.dim - 1;
-        for (extent, stride) in [
-            (self.batch, self.stride_batch),
-            (self.seq, self.stride_seq),
-            (self.heads, self.stride_head),
-        ] {
+        for (extent, stride) in
+            [(self.batch, self.stride_batch), (self.seq, self.stride_seq), (self.heads, self.stride_head)]
+        {
             let span = (extent - 1).checked_mul(stride).ok_or(overflow)?;
             last = last.checked_add(span).ok_or(overflow)?;
         }
@@ -79,11 +77,8 @@ impl Layout {
     /// usual sufficient one: sorted by stride, each dimension steps over the
     /// whole span of the faster ones. Dimensions of extent 1 never collide.
     pub fn is_non_overlapping(&self) -> bool {
-        let mut dims = [
-            (self.stride_head, self.heads),
-            (self.stride_seq, self.seq),
-            (self.stride_batch, self.batch),
-        ];
+        let mut dims =
+            [(self.stride_head, self.heads), (self.stride_seq, self.seq), (self.stride_batch, self.batch)];
         dims.sort_unstable();
         let mut span = self.dim; // elements covered by the faster dimensions
         for (stride, extent) in dims {

@@ -55,16 +55,16 @@ mod projections;
 #[cfg(feature = "alloc")]
 pub mod reference;
 
-pub use attention::{attention_into, attention_scratch_len, exact_attention_into};
 #[cfg(feature = "alloc")]
 pub use attention::{attention, distr_attention, exact_attention};
+pub use attention::{attention_into, attention_scratch_len, exact_attention_into};
 pub use config::{Config, Fusion, GroupSizes};
 pub use element::{DType, Element};
 pub use error::{Dim, Error, Operand, Result};
 pub use layout::{Layout, Problem, Tensor, TensorMut, MAX_HEAD_DIM};
+pub use plan::{inverse_gray, plan_into, plan_scratch_len, PlanRef, PlanShape};
 #[cfg(feature = "alloc")]
 pub use plan::{plan, Plan};
-pub use plan::{inverse_gray, plan_into, plan_scratch_len, PlanRef, PlanShape};
 #[cfg(feature = "alloc")]
 pub use projections::projections;
 pub use projections::{projection, projections_into, projections_len, MAX_PROJECTIONS};

@@ -54,9 +54,7 @@ impl PlanShape {
 
     /// Number of `u16` entries: `batch * heads * blocks * head_dim`.
     pub fn num_entries(&self) -> Result<usize> {
-        self.num_blocks()
-            .checked_mul(self.head_dim)
-            .ok_or(Error::SizeOverflow { operand: Operand::Plan })
+        self.num_blocks().checked_mul(self.head_dim).ok_or(Error::SizeOverflow { operand: Operand::Plan })
     }
 
     /// Number of permutations: `batch * heads * blocks`.
@@ -182,7 +180,11 @@ pub fn plan_into<T: Element>(
     // Only the rows a block actually has are read (a short Q needs fewer).
     let r_len = cfg.num_projections as usize * cfg.block_rows.min(q.layout.seq);
     if projections.len() < r_len {
-        return Err(Error::BufferTooSmall { operand: Operand::Projections, needed: r_len, got: projections.len() });
+        return Err(Error::BufferTooSmall {
+            operand: Operand::Projections,
+            needed: r_len,
+            got: projections.len(),
+        });
     }
     let needed = shape.num_entries()?;
     if out.len() < needed {

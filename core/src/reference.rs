@@ -50,7 +50,9 @@ fn run<T: Element>(
     let mut qhat = crate::try_vec(d, 0f64, Operand::Scratch)?;
     let mut scores = crate::try_vec(p.kv_len, 0f64, Operand::Scratch)?;
     let mut o = crate::try_vec(dv, 0f64, Operand::Scratch)?;
-    let x = |t: &Tensor<'_, T>, b: usize, s: usize, h: usize, j: usize| t.data[t.layout.offset(b, s, h) + j].to_f32() as f64;
+    let x = |t: &Tensor<'_, T>, b: usize, s: usize, h: usize, j: usize| {
+        t.data[t.layout.offset(b, s, h) + j].to_f32() as f64
+    };
     for b in 0..p.batch {
         for h in 0..p.q_heads {
             let hk = p.kv_head(h);
@@ -68,9 +70,8 @@ fn run<T: Element>(
                 // Step 5: scores against every visible key, with Khat fused per key.
                 let visible = p.key_limit(cfg.causal, i);
                 for (n, s) in scores[..visible].iter_mut().enumerate() {
-                    let dot: f64 = (0..d / g)
-                        .map(|t| qhat[t] * group(t).map(|j| x(k, b, n, hk, j)).sum::<f64>())
-                        .sum();
+                    let dot: f64 =
+                        (0..d / g).map(|t| qhat[t] * group(t).map(|j| x(k, b, n, hk, j)).sum::<f64>()).sum();
                     *s = scale * dot;
                 }
                 let max = scores[..visible].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
