@@ -29,14 +29,7 @@ impl<'p> Grouping<'p> {
     ) -> (usize, Option<&'p [u16]>) {
         match self {
             Grouping::Exact => (1, None),
-            Grouping::Plan(plan) => {
-                let g = cfg.group_size(h);
-                if g == 1 {
-                    (1, None)
-                } else {
-                    (g, Some(plan.block(b, h, blk)))
-                }
-            }
+            Grouping::Plan(plan) => (cfg.group_size(h), Some(plan.block(b, h, blk))),
         }
     }
 

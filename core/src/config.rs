@@ -121,7 +121,7 @@ impl<'a> Config<'a> {
         }
         for h in 0..q_heads {
             let g = self.group_size(h);
-            if g == 0 || head_dim % g != 0 {
+            if g == 0 || !head_dim.is_multiple_of(g) {
                 return Err(Error::InvalidGroupSize { head: h, group_size: g, head_dim });
             }
             // A uniform size needs checking once.

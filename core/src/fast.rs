@@ -108,6 +108,8 @@ pub(crate) fn run<T: Element>(
                 let blk = blk_start / block_rows;
                 let blk_end = (blk_start + block_rows).min(p.q_len);
                 let (g, sigma) = grouping.block(cfg, b, h, blk);
+                // With G = 1 the permutation only reorders an exact sum: skip it.
+                let sigma = if g == 1 { None } else { sigma };
                 let mut r0 = blk_start;
                 while r0 < blk_end {
                     let rows = (blk_end - r0).min(TQ);

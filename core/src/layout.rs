@@ -162,7 +162,7 @@ impl Problem {
         expect(Operand::K, Dim::HeadDim, q.dim, k.dim)?;
         expect(Operand::V, Dim::Seq, k.seq, v.seq)?;
         expect(Operand::V, Dim::Heads, k.heads, v.heads)?;
-        if q.heads % k.heads != 0 {
+        if !q.heads.is_multiple_of(k.heads) {
             return Err(Error::HeadsNotDivisible { q_heads: q.heads, kv_heads: k.heads });
         }
         if q.dim > MAX_HEAD_DIM {
