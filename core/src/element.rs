@@ -32,6 +32,9 @@ pub trait Element: Copy + Send + Sync + sealed::Sealed + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The slice itself when the element type is f32 (lets the fast path
+    /// read f32 inputs in place instead of converting them).
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]>;
 }
 
 impl Element for f32 {
@@ -43,6 +46,10 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+    #[inline(always)]
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
@@ -56,6 +63,10 @@ impl Element for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    #[inline(always)]
+    fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Element for bf16 {
@@ -67,5 +78,9 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
+        None
     }
 }
