@@ -202,21 +202,29 @@ pub fn plan_into<T: Element>(
             for blk in 0..shape.blocks {
                 let row0 = blk * cfg.block_rows;
                 let rows = (l.seq - row0).min(cfg.block_rows);
-                for (j, key) in keys.iter_mut().enumerate() {
-                    let mut acc = [0f64; crate::MAX_PROJECTIONS];
+                // Four columns at a time share each row of R (and give the
+                // f64 accumulations independent dependency chains).
+                for j0 in (0..d).step_by(4) {
+                    let cols = (d - j0).min(4);
+                    let mut acc = [[0f64; crate::MAX_PROJECTIONS]; 4];
                     for r in 0..rows {
-                        let x = q.data[l.offset(b, row0 + r, h) + j].to_f32() as f64;
+                        let base = l.offset(b, row0 + r, h) + j0;
                         let proj = &projections[r * p_count..(r + 1) * p_count];
-                        for (a, &w) in acc.iter_mut().zip(proj) {
-                            *a += x * w as f64;
+                        for (a, x) in acc.iter_mut().zip(&q.data[base..base + cols]) {
+                            let x = x.to_f32() as f64;
+                            for (a, &w) in a.iter_mut().zip(proj) {
+                                *a += x * w as f64;
+                            }
                         }
                     }
-                    let mut code = 0u32;
-                    for (p, &a) in acc[..p_count].iter().enumerate() {
-                        code |= ((a > 0.0) as u32) << p;
+                    for (c, a) in acc[..cols].iter().enumerate() {
+                        let mut code = 0u32;
+                        for (p, &a) in a[..p_count].iter().enumerate() {
+                            code |= ((a > 0.0) as u32) << p;
+                        }
+                        // (key, column) packed so that sorting the integers is the stable sort.
+                        keys[j0 + c] = ((inverse_gray(code) as u64) << 32) | (j0 + c) as u64;
                     }
-                    // (key, column) packed so that sorting the integers is the stable sort.
-                    *key = ((inverse_gray(code) as u64) << 32) | j as u64;
                 }
                 keys.sort_unstable();
                 let start = shape.block_index(b, h, blk) * d;
