@@ -94,7 +94,7 @@ fn evaluate(opts: &Options, acts: &Activations) -> Result<(), distr_attention::E
     let from_file = acts.samples.iter().all(|s| s.o_exact.is_some());
     println!(
         "\n{} ({} layer x sequence samples, head_dim {d}, causal {}, l={}, P={}, seed {}; errors against {})",
-        acts.path.display(),
+        acts.path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(&acts.path).display(),
         acts.samples.len(),
         acts.causal,
         opts.block_rows,
@@ -123,11 +123,12 @@ fn evaluate(opts: &Options, acts: &Activations) -> Result<(), distr_attention::E
                 }
                 best = best.min(total);
             }
+            let err = |e: f64| if e < 1e-3 { format!("{e:.1e}") } else { format!("{e:.4}") };
             println!(
-                "| {g} | {} | {:.4} | {:.4} | {:.2} | {:.2}x |",
+                "| {g} | {} | {} | {} | {:.2} | {:.2}x |",
                 if g == 1 { "exact".to_string() } else { format!("{fusion:?}") },
-                median(&errs),
-                quantile(&errs, 0.9),
+                err(median(&errs)),
+                err(quantile(&errs, 0.9)),
                 best.as_secs_f64() * 1e3,
                 exact_time.as_secs_f64() / best.as_secs_f64()
             );
