@@ -18,7 +18,9 @@ pub(crate) enum Grouping<'p> {
 
 impl<'p> Grouping<'p> {
     /// Group size and permutation of block `blk` for query head `h`;
-    /// `None` for the permutation means identity with G = 1.
+    /// `None` for the permutation means identity with G = 1. (The fast path
+    /// walks plan blocks itself.)
+    #[cfg(feature = "alloc")]
     #[inline]
     pub(crate) fn block(
         &self,

@@ -248,3 +248,21 @@ pub fn plan<T: Element>(cfg: &Config<'_>, q: &Tensor<'_, T>) -> Result<Plan> {
     plan_into(cfg, q, &r, &mut perm, &mut scratch)?;
     Ok(Plan { shape, perm })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::inverse_gray;
+
+    #[test]
+    fn inverse_gray_inverts_the_gray_code() {
+        for i in (0u32..1 << 16).chain([u32::MAX, u32::MAX - 1, 1 << 31]) {
+            let gray = i ^ (i >> 1);
+            assert_eq!(inverse_gray(gray), i);
+        }
+        // Gray-sequence neighbours differ in one bit.
+        for i in 0u32..1000 {
+            let (a, b) = (i ^ (i >> 1), (i + 1) ^ ((i + 1) >> 1));
+            assert_eq!((a ^ b).count_ones(), 1);
+        }
+    }
+}

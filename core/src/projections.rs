@@ -68,3 +68,56 @@ pub fn projections(cfg: &Config<'_>) -> Result<alloc::vec::Vec<f32>> {
     projections_into(cfg, &mut out)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values computed by an independent Python implementation of the
+    /// generator documented above (`math.log`, `math.cos`, rounded to f32),
+    /// written with all the digits Python printed.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn generator_matches_independent_implementation() {
+        let expected: [(u64, usize, usize, f32); 7] = [
+            (0x0, 0, 0, -0.452_757_745_981_216_43),
+            (0x0, 0, 1, 2.650_605_916_976_928_7),
+            (0x0, 1, 0, -0.297_742_158_174_514_77),
+            (0x0, 63, 15, 0.256_152_421_236_038_2),
+            (0x2a, 5, 31, 1.657_180_070_877_075_2),
+            (0xdead_beef, 127, 7, 0.246_559_679_508_209_23),
+            (u64::MAX, 3, 3, -2.333_073_377_609_253),
+        ];
+        for (seed, row, p, x) in expected {
+            assert_eq!(projection(seed, row, p), x, "seed {seed:#x} row {row} p {p}");
+        }
+    }
+
+    #[test]
+    fn entries_are_standard_normal() {
+        let n = 64 * 1024;
+        let (mut sum, mut sq) = (0f64, 0f64);
+        for i in 0..n {
+            let x = projection(7, i / 32, i % 32) as f64;
+            sum += x;
+            sq += x * x;
+        }
+        let mean = sum / n as f64;
+        let var = sq / n as f64 - mean * mean;
+        assert!(mean.abs() < 0.02, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.03, "variance {var}");
+    }
+
+    #[test]
+    fn smaller_matrices_are_corners_of_larger_ones() {
+        let big = Config { block_rows: 128, num_projections: 32, ..Config::default() };
+        let small = Config { block_rows: 64, num_projections: 16, ..Config::default() };
+        let mut rb = [0f32; 128 * 32];
+        let mut rs = [0f32; 64 * 16];
+        projections_into(&big, &mut rb).unwrap();
+        projections_into(&small, &mut rs).unwrap();
+        for r in 0..64 {
+            assert_eq!(rs[r * 16..(r + 1) * 16], rb[r * 32..r * 32 + 16]);
+        }
+    }
+}

@@ -281,3 +281,36 @@ fn decode_matches_prefill_only_for_exact() {
         }
     }
 }
+
+/// Broadcast views: K and V with sequence stride 0 (every key is the same
+/// row) give that V row as output, on both paths, for every dtype path of V.
+#[test]
+fn zero_stride_key_value_views() {
+    let (n, m, h, d) = (37, 50, 2, 16);
+    let mut rng = Rng(11);
+    let lq = Layout::contiguous(1, n, h, d);
+    let q: Vec<f32> = (0..n * h * d).map(|_| rng.uniform()).collect();
+    let lkv = Layout { stride_seq: 0, ..Layout::contiguous(1, m, h, d) };
+    let k: Vec<f32> = (0..h * d).map(|_| rng.uniform()).collect();
+    let v: Vec<f32> = (0..h * d).map(|_| rng.uniform()).collect();
+    let cfg = Config { causal: true, ..Config::with_group_size(2) };
+    let (tq, tk, tv) = (Tensor::new(&q, lq), Tensor::new(&k, lkv), Tensor::new(&v, lkv));
+    let plan = distr_attention::plan(&cfg, &tq).unwrap();
+    for path in [Path::Fast, Path::Reference] {
+        let mut o = vec![f32::NAN; n * h * d];
+        let mut out = distr_attention::TensorMut::new(&mut o, lq);
+        match path {
+            Path::Fast => distr_attention::attention(&cfg, &plan.as_ref(), &tq, &tk, &tv, &mut out, None),
+            Path::Reference => {
+                distr_attention::reference::attention(&cfg, &plan.as_ref(), &tq, &tk, &tv, &mut out, None)
+            }
+        }
+        .unwrap();
+        for i in 0..n {
+            for hh in 0..h {
+                let got = &o[(i * h + hh) * d..][..d];
+                assert!(max_abs_diff(got, &v[hh * d..(hh + 1) * d]) < 1e-6, "{path:?} row {i} head {hh}");
+            }
+        }
+    }
+}
