@@ -72,24 +72,30 @@ pub(crate) fn validate<T: Element>(
         }
     }
     if let Grouping::Plan(plan) = grouping {
-        let s = plan.shape();
-        let expected_blocks = p.q_len.div_ceil(cfg.block_rows);
-        for (dim, expected, got) in [
-            (Dim::Batch, p.batch, s.batch),
-            (Dim::Heads, p.q_heads, s.heads),
-            (Dim::HeadDim, p.head_dim, s.head_dim),
-            (Dim::Seq, expected_blocks, s.blocks),
-            (Dim::Seq, cfg.block_rows, s.block_rows),
-        ] {
-            if expected != got {
-                return Err(Error::ShapeMismatch { operand: Operand::Plan, dim, expected, got });
-            }
-        }
+        check_plan_shape(cfg, &p, plan)?;
     }
     check_finite(Operand::Q, q)?;
     check_finite(Operand::K, k)?;
     check_finite(Operand::V, v)?;
     Ok(p)
+}
+
+/// Checks that a plan was made for this problem and config.
+pub(crate) fn check_plan_shape(cfg: &Config<'_>, p: &Problem, plan: &PlanRef<'_>) -> Result<()> {
+    let s = plan.shape();
+    let expected_blocks = p.q_len.div_ceil(cfg.block_rows);
+    for (dim, expected, got) in [
+        (Dim::Batch, p.batch, s.batch),
+        (Dim::Heads, p.q_heads, s.heads),
+        (Dim::HeadDim, p.head_dim, s.head_dim),
+        (Dim::Seq, expected_blocks, s.blocks),
+        (Dim::Seq, cfg.block_rows, s.block_rows),
+    ] {
+        if expected != got {
+            return Err(Error::ShapeMismatch { operand: Operand::Plan, dim, expected, got });
+        }
+    }
+    Ok(())
 }
 
 /// Length of the f32 scratch buffer [`attention_into`] and

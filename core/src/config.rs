@@ -12,6 +12,23 @@ pub enum Fusion {
     Sample,
 }
 
+/// How a plan groups the columns of each query block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum GroupingMode {
+    /// The paper's angular LSH with inverse-Gray ordering (ALGORITHM.md).
+    /// Depends only on Q, `block_rows`, P and the seed; any G.
+    #[default]
+    Lsh,
+    /// Exact similarity of the block's Q columns: greedy agglomeration that
+    /// minimises the within-group spread of the columns (Ward's criterion).
+    /// G must be a power of two. Depends on Q and G.
+    Similarity,
+    /// Like `Similarity`, but minimises the score error itself, weighting
+    /// column differences by K's Gram matrix over all keys of the KV head.
+    /// Needs the keys (`plan_with_keys`). G must be a power of two.
+    KeyWeighted,
+}
+
 /// Group size G: one for all query heads, or one per query head.
 /// A head with G = 1 computes exact attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,6 +66,8 @@ pub struct Config<'a> {
     pub causal: bool,
     /// Softmax scale; `None` means `1/sqrt(head_dim)` with the original head dimension.
     pub scale: Option<f32>,
+    /// How plans group columns: the paper's LSH (default) or exact similarity.
+    pub grouping: GroupingMode,
 }
 
 impl Default for Config<'static> {
@@ -69,6 +88,7 @@ impl Config<'static> {
             fusion: Fusion::Mean,
             causal: false,
             scale: None,
+            grouping: GroupingMode::Lsh,
         }
     }
 

@@ -93,6 +93,10 @@ pub enum Error {
     UnsupportedHeadDim { got: usize },
     /// `block_rows` is not supported by this backend.
     UnsupportedBlockRows { got: usize },
+    /// A planner target outside its range (an error >= 0, a FLOP fraction in 0..1).
+    InvalidTarget { got: f64 },
+    /// The grouping mode cannot be used through this function.
+    GroupingUnavailable { reason: &'static str },
     /// The group size is not supported by this backend.
     UnsupportedGroupSize { got: usize },
 }
@@ -169,6 +173,10 @@ impl fmt::Display for Error {
             Error::UnsupportedBlockRows { got } => {
                 write!(f, "block_rows {got} is not supported by this backend")
             }
+            Error::InvalidTarget { got } => {
+                write!(f, "target {got} out of range (error >= 0, FLOP fraction in [0, 1))")
+            }
+            Error::GroupingUnavailable { reason } => write!(f, "grouping mode unavailable: {reason}"),
             Error::UnsupportedGroupSize { got } => {
                 write!(f, "group size {got} is not supported by this backend")
             }

@@ -45,10 +45,16 @@ extern crate alloc;
 extern crate std;
 
 mod attention;
+#[cfg(feature = "alloc")]
+pub mod budget;
 mod config;
 mod element;
 mod error;
+#[cfg(feature = "alloc")]
+mod estimate;
 mod fast;
+#[cfg(feature = "alloc")]
+mod grouping;
 mod layout;
 mod plan;
 mod projections;
@@ -58,13 +64,15 @@ pub mod reference;
 #[cfg(feature = "alloc")]
 pub use attention::{attention, distr_attention, exact_attention};
 pub use attention::{attention_into, attention_scratch_len, exact_attention_into};
-pub use config::{Config, Fusion, GroupSizes};
+pub use config::{Config, Fusion, GroupSizes, GroupingMode};
 pub use element::{DType, Element};
 pub use error::{Dim, Error, Operand, Result};
+#[cfg(feature = "alloc")]
+pub use estimate::{estimate_errors, HeadErrorEstimate};
 pub use layout::{Layout, Problem, Tensor, TensorMut, MAX_HEAD_DIM};
 pub use plan::{inverse_gray, plan_into, plan_scratch_len, PlanRef, PlanShape};
 #[cfg(feature = "alloc")]
-pub use plan::{plan, Plan};
+pub use plan::{plan, plan_with_keys, Plan};
 #[cfg(feature = "alloc")]
 pub use projections::projections;
 pub use projections::{projection, projections_into, projections_len, MAX_PROJECTIONS};

@@ -3,7 +3,7 @@
 //! column's angular-LSH code, ties broken by column index (ALGORITHM.md,
 //! steps 1-3). Consecutive runs of G entries form the groups.
 
-use crate::config::Config;
+use crate::config::{Config, GroupingMode};
 use crate::error::{Error, Operand, Result};
 use crate::layout::{check_buffer, check_finite, Layout, Tensor};
 use crate::Element;
@@ -175,6 +175,11 @@ pub fn plan_into<T: Element>(
     scratch: &mut [u64],
 ) -> Result<PlanShape> {
     let shape = PlanShape::new(cfg, &q.layout)?;
+    if cfg.grouping != GroupingMode::Lsh {
+        return Err(Error::GroupingUnavailable {
+            reason: "plan_into computes LSH plans only; similarity grouping needs the allocating plan/plan_with_keys",
+        });
+    }
     check_buffer(Operand::Q, q.data.len(), &q.layout)?;
     check_finite(Operand::Q, q)?;
     // Only the rows a block actually has are read (a short Q needs fewer).
@@ -237,15 +242,90 @@ pub fn plan_into<T: Element>(
     Ok(shape)
 }
 
-/// Computes the plan of `q` (allocating form of [`plan_into`]).
+/// Computes the plan of `q` under the config's grouping mode (allocating).
+/// [`GroupingMode::KeyWeighted`] needs the keys: use [`plan_with_keys`].
 #[cfg(feature = "alloc")]
 pub fn plan<T: Element>(cfg: &Config<'_>, q: &Tensor<'_, T>) -> Result<Plan> {
+    match cfg.grouping {
+        GroupingMode::Lsh => {
+            let shape = PlanShape::new(cfg, &q.layout)?;
+            let rows_used = Config { block_rows: cfg.block_rows.min(q.layout.seq), ..*cfg };
+            let r = crate::projections(&rows_used)?;
+            let mut perm = crate::try_vec(shape.num_entries()?, 0u16, Operand::Plan)?;
+            let mut scratch = crate::try_vec(plan_scratch_len(shape.head_dim), 0u64, Operand::Scratch)?;
+            plan_into(cfg, q, &r, &mut perm, &mut scratch)?;
+            Ok(Plan { shape, perm })
+        }
+        GroupingMode::Similarity => similarity_plan(cfg, q, None),
+        GroupingMode::KeyWeighted => Err(Error::GroupingUnavailable {
+            reason: "key-weighted grouping needs the keys: use plan_with_keys",
+        }),
+    }
+}
+
+/// Computes the plan of `q` under any grouping mode; `k` (the keys the plan
+/// will attend to) is read by [`GroupingMode::KeyWeighted`] and validated
+/// against `q` in every mode.
+#[cfg(feature = "alloc")]
+pub fn plan_with_keys<T: Element>(cfg: &Config<'_>, q: &Tensor<'_, T>, k: &Tensor<'_, T>) -> Result<Plan> {
+    crate::Problem::new(&q.layout, &k.layout, &k.layout)?;
+    check_buffer(Operand::K, k.data.len(), &k.layout)?;
+    check_finite(Operand::K, k)?;
+    match cfg.grouping {
+        GroupingMode::KeyWeighted => similarity_plan(cfg, q, Some(k)),
+        _ => plan(cfg, q),
+    }
+}
+
+/// Plans by [`GroupingMode::Similarity`] (`k = None`) or
+/// [`GroupingMode::KeyWeighted`]: one greedy grouping per block and head.
+/// Heads with G = 1 get the identity.
+#[cfg(feature = "alloc")]
+fn similarity_plan<T: Element>(
+    cfg: &Config<'_>,
+    q: &Tensor<'_, T>,
+    k: Option<&Tensor<'_, T>>,
+) -> Result<Plan> {
     let shape = PlanShape::new(cfg, &q.layout)?;
-    let rows_used = Config { block_rows: cfg.block_rows.min(q.layout.seq), ..*cfg };
-    let r = crate::projections(&rows_used)?;
+    cfg.validate(q.layout.heads, q.layout.dim)?;
+    for h in 0..q.layout.heads {
+        let g = cfg.group_size(h);
+        if !g.is_power_of_two() {
+            return Err(Error::UnsupportedGroupSize { got: g });
+        }
+    }
+    check_buffer(Operand::Q, q.data.len(), &q.layout)?;
+    check_finite(Operand::Q, q)?;
+    let d = shape.head_dim;
     let mut perm = crate::try_vec(shape.num_entries()?, 0u16, Operand::Plan)?;
-    let mut scratch = crate::try_vec(plan_scratch_len(shape.head_dim), 0u64, Operand::Scratch)?;
-    plan_into(cfg, q, &r, &mut perm, &mut scratch)?;
+    let mut gq = crate::try_vec(d * d, 0f64, Operand::Scratch)?;
+    let mut gk = crate::try_vec(if k.is_some() { d * d } else { 0 }, 0f64, Operand::Scratch)?;
+    let mut row = crate::try_vec(d, 0f64, Operand::Scratch)?;
+    let l = &q.layout;
+    for b in 0..l.batch {
+        for h in 0..l.heads {
+            let g = cfg.group_size(h);
+            if let Some(k) = k {
+                let hk = h / (l.heads / k.layout.heads);
+                crate::grouping::key_gram(k, b, hk, &mut gk, &mut row);
+            }
+            for blk in 0..shape.blocks {
+                let start = shape.block_index(b, h, blk) * d;
+                let dst = &mut perm[start..start + d];
+                if g == 1 {
+                    for (j, x) in dst.iter_mut().enumerate() {
+                        *x = j as u16;
+                    }
+                    continue;
+                }
+                let row0 = blk * cfg.block_rows;
+                let rows = (l.seq - row0).min(cfg.block_rows);
+                crate::grouping::query_gram(q, b, h, row0, rows, &mut gq, &mut row);
+                let gk = if k.is_some() { Some(&gk[..]) } else { None };
+                crate::grouping::similarity_groups(&gq, gk, d, g, dst);
+            }
+        }
+    }
     Ok(Plan { shape, perm })
 }
 

@@ -4,8 +4,10 @@
 
 use crate::attention::{validate, Grouping};
 use crate::config::{Config, Fusion};
+use alloc::vec::Vec;
+
 use crate::error::{Operand, Result};
-use crate::layout::{Tensor, TensorMut};
+use crate::layout::{Problem, Tensor, TensorMut};
 use crate::plan::PlanRef;
 use crate::Element;
 
@@ -34,6 +36,77 @@ pub fn exact_attention<T: Element>(
     run(cfg, &Grouping::Exact, q, k, v, out, lse)
 }
 
+/// Buffers for one output row.
+pub(crate) struct RowScratch {
+    qhat: Vec<f64>,
+    scores: Vec<f64>,
+    /// The output row after [`attend_row`].
+    pub(crate) o: Vec<f64>,
+}
+
+impl RowScratch {
+    pub(crate) fn new(p: &Problem) -> Result<Self> {
+        Ok(RowScratch {
+            qhat: crate::try_vec(p.head_dim, 0f64, Operand::Scratch)?,
+            scores: crate::try_vec(p.kv_len, 0f64, Operand::Scratch)?,
+            o: crate::try_vec(p.v_dim, 0f64, Operand::Scratch)?,
+        })
+    }
+}
+
+/// ALGORITHM.md steps 4 and 5 for output row `i` of head `h` in batch `b`,
+/// in f64: writes the row into `row.o` and returns its log-sum-exp (a row
+/// that sees no key gets 0 and `-inf`). Arguments must be validated.
+pub(crate) fn attend_row<T: Element>(
+    cfg: &Config<'_>,
+    grouping: &Grouping<'_>,
+    p: &Problem,
+    (q, k, v): (&Tensor<'_, T>, &Tensor<'_, T>, &Tensor<'_, T>),
+    (b, h, i): (usize, usize, usize),
+    row: &mut RowScratch,
+) -> f64 {
+    let d = p.head_dim;
+    let scale = cfg.softmax_scale(d) as f64;
+    let x = |t: &Tensor<'_, T>, b: usize, s: usize, h: usize, j: usize| {
+        t.data[t.layout.offset(b, s, h) + j].to_f32() as f64
+    };
+    let hk = p.kv_head(h);
+    let (g, sigma) = grouping.block(cfg, b, h, i / grouping.block_rows(p));
+    let col = |c: usize| sigma.map_or(c, |s| s[c] as usize);
+    let group = |t: usize| (t * g..(t + 1) * g).map(col);
+    // Step 4: fuse the query row.
+    for (t, qt) in row.qhat[..d / g].iter_mut().enumerate() {
+        *qt = match cfg.fusion {
+            Fusion::Mean => group(t).map(|j| x(q, b, i, h, j)).sum::<f64>() / g as f64,
+            Fusion::Sample => x(q, b, i, h, col(t * g)),
+        };
+    }
+    // Step 5: scores against every visible key, with Khat fused per key.
+    let visible = p.key_limit(cfg.causal, i);
+    let qhat = &row.qhat;
+    for (n, s) in row.scores[..visible].iter_mut().enumerate() {
+        let dot: f64 = (0..d / g).map(|t| qhat[t] * group(t).map(|j| x(k, b, n, hk, j)).sum::<f64>()).sum();
+        *s = scale * dot;
+    }
+    let max = row.scores[..visible].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    let mut denom = 0.0;
+    row.o.fill(0.0);
+    for (n, &s) in row.scores[..visible].iter().enumerate() {
+        let w = libm::exp(s - max);
+        denom += w;
+        for (c, oc) in row.o.iter_mut().enumerate() {
+            *oc += w * x(v, b, n, hk, c);
+        }
+    }
+    if visible == 0 {
+        return f64::NEG_INFINITY;
+    }
+    for oc in row.o.iter_mut() {
+        *oc /= denom;
+    }
+    max + libm::log(denom)
+}
+
 fn run<T: Element>(
     cfg: &Config<'_>,
     grouping: &Grouping<'_>,
@@ -44,53 +117,17 @@ fn run<T: Element>(
     mut lse: Option<&mut [f32]>,
 ) -> Result<()> {
     let p = validate(cfg, grouping, q, k, v, out, lse.as_deref())?;
-    let (d, dv) = (p.head_dim, p.v_dim);
-    let scale = cfg.softmax_scale(d) as f64;
-    let block_rows = grouping.block_rows(&p);
-    let mut qhat = crate::try_vec(d, 0f64, Operand::Scratch)?;
-    let mut scores = crate::try_vec(p.kv_len, 0f64, Operand::Scratch)?;
-    let mut o = crate::try_vec(dv, 0f64, Operand::Scratch)?;
-    let x = |t: &Tensor<'_, T>, b: usize, s: usize, h: usize, j: usize| {
-        t.data[t.layout.offset(b, s, h) + j].to_f32() as f64
-    };
+    let mut row = RowScratch::new(&p)?;
     for b in 0..p.batch {
         for h in 0..p.q_heads {
-            let hk = p.kv_head(h);
             for i in 0..p.q_len {
-                let (g, sigma) = grouping.block(cfg, b, h, i / block_rows);
-                let col = |c: usize| sigma.map_or(c, |s| s[c] as usize);
-                let group = |t: usize| (t * g..(t + 1) * g).map(col);
-                // Step 4: fuse the query row.
-                for (t, qt) in qhat[..d / g].iter_mut().enumerate() {
-                    *qt = match cfg.fusion {
-                        Fusion::Mean => group(t).map(|j| x(q, b, i, h, j)).sum::<f64>() / g as f64,
-                        Fusion::Sample => x(q, b, i, h, col(t * g)),
-                    };
-                }
-                // Step 5: scores against every visible key, with Khat fused per key.
-                let visible = p.key_limit(cfg.causal, i);
-                for (n, s) in scores[..visible].iter_mut().enumerate() {
-                    let dot: f64 =
-                        (0..d / g).map(|t| qhat[t] * group(t).map(|j| x(k, b, n, hk, j)).sum::<f64>()).sum();
-                    *s = scale * dot;
-                }
-                let max = scores[..visible].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-                let mut denom = 0.0;
-                o.fill(0.0);
-                for (n, &s) in scores[..visible].iter().enumerate() {
-                    let w = libm::exp(s - max);
-                    denom += w;
-                    for (c, oc) in o.iter_mut().enumerate() {
-                        *oc += w * x(v, b, n, hk, c);
-                    }
-                }
-                let dst = &mut out.data[out.layout.offset(b, i, h)..][..dv];
-                for (dst, &oc) in dst.iter_mut().zip(o.iter()) {
-                    *dst = if visible > 0 { (oc / denom) as f32 } else { 0.0 };
+                let lse_i = attend_row(cfg, grouping, &p, (q, k, v), (b, h, i), &mut row);
+                let dst = &mut out.data[out.layout.offset(b, i, h)..][..p.v_dim];
+                for (dst, &oc) in dst.iter_mut().zip(row.o.iter()) {
+                    *dst = oc as f32;
                 }
                 if let Some(lse) = lse.as_deref_mut() {
-                    lse[(b * p.q_heads + h) * p.q_len + i] =
-                        if visible > 0 { (max + libm::log(denom)) as f32 } else { f32::NEG_INFINITY };
+                    lse[(b * p.q_heads + h) * p.q_len + i] = lse_i as f32;
                 }
             }
         }

@@ -149,6 +149,7 @@ impl Case {
             fusion: self.fusion,
             causal: self.causal,
             scale: self.scale,
+            grouping: distr_attention::GroupingMode::Lsh,
         }
     }
 
