@@ -160,7 +160,10 @@ fn planner_reaches_flop_targets() {
         choose_group_sizes(&cfg, &[2], &samples, Target::FlopSaving(1.5)).err(),
         Some(Error::InvalidTarget { got: 1.5 })
     );
-    assert!(matches!(choose_group_sizes::<f32>(&cfg, &[2], &[], Target::MaxError(0.1)), Err(Error::EmptyDimension { .. })));
+    assert!(matches!(
+        choose_group_sizes::<f32>(&cfg, &[2], &[], Target::MaxError(0.1)),
+        Err(Error::EmptyDimension { .. })
+    ));
 }
 
 /// Similarity plans are permutations, identity for G = 1 heads, and give
