@@ -127,11 +127,11 @@ pub fn choose_group_sizes<T: Element>(
                     for i in 0..p.q_len {
                         let o = o_layout.offset(b, i, h);
                         for (x, y) in approx[o..o + dv].iter().zip(&exact[o..o + dv]) {
-                            num += (*x as f64 - *y as f64).powi(2);
-                            den += (*y as f64).powi(2);
+                            num += (*x as f64 - *y as f64) * (*x as f64 - *y as f64);
+                            den += *y as f64 * *y as f64;
                         }
                     }
-                    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+                    let err = libm::sqrt(if den > 0.0 { num / den } else { num });
                     *worst = worst.max(err);
                 }
             }

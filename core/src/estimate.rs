@@ -91,14 +91,14 @@ pub fn estimate_errors<T: Element>(
             out.push(HeadErrorEstimate {
                 batch: b,
                 head: h,
-                relative_score_error: if norm2 > 0.0 { (err2 / norm2).sqrt() } else { 0.0 },
-                rms_logit_error: scale * (err2 / (p.q_len as f64 * p.kv_len as f64)).sqrt(),
+                relative_score_error: if norm2 > 0.0 { libm::sqrt(err2 / norm2) } else { 0.0 },
+                rms_logit_error: scale * libm::sqrt(err2 / (p.q_len as f64 * p.kv_len as f64)),
                 sampled_output_error: if rows == 0 {
                     f64::NAN
                 } else if ref2 > 0.0 {
-                    (diff2 / ref2).sqrt()
+                    libm::sqrt(diff2 / ref2)
                 } else {
-                    diff2.sqrt()
+                    libm::sqrt(diff2)
                 },
             });
         }
