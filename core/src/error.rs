@@ -15,6 +15,11 @@ pub enum Operand {
     Projections,
     Scratch,
     GroupSizes,
+    /// The gradient of the output (backward pass).
+    DOut,
+    DQ,
+    DK,
+    DV,
 }
 
 impl Operand {
@@ -29,6 +34,10 @@ impl Operand {
             Operand::Projections => "projections",
             Operand::Scratch => "scratch",
             Operand::GroupSizes => "group_sizes",
+            Operand::DOut => "d_out",
+            Operand::DQ => "dq",
+            Operand::DK => "dk",
+            Operand::DV => "dv",
         }
     }
 }

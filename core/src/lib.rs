@@ -46,6 +46,8 @@ extern crate std;
 
 mod attention;
 #[cfg(feature = "alloc")]
+pub mod backward;
+#[cfg(feature = "alloc")]
 pub mod budget;
 mod config;
 mod element;
