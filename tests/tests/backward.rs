@@ -178,7 +178,7 @@ fn both_backwards<T: distr_attention::Element>(
     let d_out = distr_attention_tests::fill::<f32>(&lo, |_, _, _, _| rng.uniform());
     let fwd = Forward { o: Tensor::new(&o, lo), lse: &lse, d_out: Tensor::new(&d_out, lo) };
     let [lq, lk, lv, _] = inputs.layouts;
-    let mut run = |fast: bool| {
+    let run = |fast: bool| {
         let mut bufs =
             [lq, lk, lv].map(|l| vec![f32::NAN; l.required_len(distr_attention::Operand::Q).unwrap()]);
         let [bq, bk, bv] = &mut bufs;
