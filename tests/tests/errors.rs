@@ -274,3 +274,99 @@ proptest! {
         let _ = PlanShape::new(&cfg, &lq).and_then(|s| PlanRef::new(s, &[0u16; 7]).map(|_| ()));
     }
 }
+
+#[test]
+fn backward_errors() {
+    use distr_attention::backward::{attention_backward, reference, Forward, Gradients};
+    let c = Config::default();
+    let l = dense(8, 2, 32);
+    let x = data(8 * 2 * 32);
+    let t = Tensor::new(&x, l);
+    let p = plan(&c, &t).unwrap();
+    let lse = vec![0.5f32; 16];
+    let (mut dq, mut dk, mut dv) = (vec![0f32; x.len()], vec![0f32; x.len()], vec![0f32; x.len()]);
+    let run = |fwd: &Forward<'_>, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dq_layout: Layout| {
+        let (mut a, mut b, mut cc) =
+            (TensorMut::new(dq, dq_layout), TensorMut::new(dk, l), TensorMut::new(dv, l));
+        let mut g = Gradients { dq: &mut a, dk: &mut b, dv: &mut cc };
+        let fast = attention_backward(&c, &p.as_ref(), &t, &t, &t, fwd, &mut g);
+        let refr = reference::attention_backward(&c, &p.as_ref(), &t, &t, &t, fwd, &mut g);
+        assert_eq!(fast, refr, "both paths validate alike");
+        fast
+    };
+    let fwd = Forward { o: t, lse: &lse, d_out: t };
+    assert_eq!(run(&fwd, &mut dq, &mut dk, &mut dv, l), Ok(()));
+    // A short LSE, NaN in LSE or dO, a wrong d_out shape, an overlapping or short gradient.
+    let short = Forward { lse: &lse[..15], ..fwd };
+    assert!(matches!(
+        run(&short, &mut dq, &mut dk, &mut dv, l),
+        Err(Error::BufferTooSmall { operand: Operand::Lse, .. })
+    ));
+    let mut bad_lse = lse.clone();
+    bad_lse[3] = f32::NAN;
+    let nan = Forward { lse: &bad_lse, ..fwd };
+    assert_eq!(
+        run(&nan, &mut dq, &mut dk, &mut dv, l),
+        Err(Error::NonFinite { operand: Operand::Lse, offset: 3 })
+    );
+    let mut y = x.clone();
+    y[7] = f32::INFINITY;
+    let inf = Forward { d_out: Tensor::new(&y, l), ..fwd };
+    assert_eq!(
+        run(&inf, &mut dq, &mut dk, &mut dv, l),
+        Err(Error::NonFinite { operand: Operand::DOut, offset: 7 })
+    );
+    let small = dense(8, 2, 16);
+    let shape = Forward { d_out: Tensor::new(&x, small), ..fwd };
+    assert!(matches!(
+        run(&shape, &mut dq, &mut dk, &mut dv, l),
+        Err(Error::ShapeMismatch { operand: Operand::DOut, .. })
+    ));
+    let overlap = Layout { stride_seq: 8, ..l };
+    assert_eq!(
+        run(&fwd, &mut dq, &mut dk, &mut dv, overlap),
+        Err(Error::OverlappingOutput { operand: Operand::DQ })
+    );
+    let mut dq_short = vec![0f32; 10];
+    assert!(matches!(
+        run(&fwd, &mut dq_short, &mut dk, &mut dv, l),
+        Err(Error::BufferTooSmall { operand: Operand::DQ, .. })
+    ));
+    // -inf LSE (a row that saw no key) is valid.
+    let mut no_key = lse.clone();
+    no_key[0] = f32::NEG_INFINITY;
+    assert_eq!(run(&Forward { lse: &no_key, ..fwd }, &mut dq, &mut dk, &mut dv, l), Ok(()));
+}
+
+#[test]
+fn estimate_and_planner_errors() {
+    use distr_attention::budget::{choose_group_sizes, Target};
+    use distr_attention::estimate_errors;
+    let c = Config::default();
+    let l = dense(8, 2, 32);
+    let x = data(8 * 2 * 32);
+    let t = Tensor::new(&x, l);
+    let p = plan(&c, &t).unwrap();
+    assert_eq!(estimate_errors(&c, &p.as_ref(), &t, &t, &t, 4).unwrap().len(), 2);
+    let other = Config { block_rows: 4, ..c };
+    assert!(matches!(
+        estimate_errors(&other, &p.as_ref(), &t, &t, &t, 4),
+        Err(Error::ShapeMismatch { operand: Operand::Plan, .. })
+    ));
+    let mut y = x.clone();
+    y[1] = f32::NAN;
+    assert!(matches!(
+        estimate_errors(&c, &p.as_ref(), &t, &Tensor::new(&y, l), &t, 4),
+        Err(Error::NonFinite { operand: Operand::K, .. })
+    ));
+    assert_eq!(
+        choose_group_sizes(&c, &[3], &[(t, t, t)], Target::MaxError(0.1)).err(),
+        Some(Error::InvalidGroupSize { head: 0, group_size: 3, head_dim: 32 })
+    );
+    assert_eq!(
+        choose_group_sizes(&c, &[2], &[(t, t, t)], Target::MaxError(f64::NAN))
+            .err()
+            .map(|e| e.to_string().contains("target")),
+        Some(true)
+    );
+}
