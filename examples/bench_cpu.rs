@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use distr_attention::{attention, exact_attention, plan, Config, Layout, Tensor, TensorMut};
+use distr_attention::{
+    attention, exact_attention, plan, plan_with_keys, Config, GroupingMode, Layout, Tensor, TensorMut,
+};
 
 /// Median of `reps` timings of `f`, after one warm-up call.
 fn time(reps: usize, mut f: impl FnMut()) -> Duration {
@@ -73,6 +75,34 @@ fn main() {
                     2.0 / (1.0 + 1.0 / g as f64)
                 );
             }
+        }
+    }
+    // Plan cost of each grouping mode (G = 2) next to one exact attention call.
+    println!(
+        "\n| N | d | exact attention (ms) | LSH plan (ms) | Similarity plan (ms) | KeyWeighted plan (ms) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for &n in ns {
+        for d in [64usize, 128] {
+            let layout = Layout::contiguous(1, n, heads, d);
+            let len = n * heads * d;
+            let (q, k): (Vec<f32>, Vec<f32>) =
+                ((0..len).map(|_| rand()).collect(), (0..len).map(|_| rand()).collect());
+            let (tq, tk) = (Tensor::new(&q, layout), Tensor::new(&k, layout));
+            let mut o = vec![0f32; len];
+            let exact = time(reps, || {
+                exact_attention(&Config::exact(), &tq, &tk, &tk, &mut TensorMut::new(&mut o, layout), None)
+                    .unwrap()
+            });
+            let mut cells = Vec::new();
+            for mode in [GroupingMode::Lsh, GroupingMode::Similarity, GroupingMode::KeyWeighted] {
+                let cfg = Config { grouping: mode, ..Config::with_group_size(2) };
+                let t = time(reps, || {
+                    plan_with_keys(&cfg, &tq, &tk).unwrap();
+                });
+                cells.push(format!("{:.2}", t.as_secs_f64() * 1e3));
+            }
+            println!("| {n} | {d} | {:.2} | {} |", exact.as_secs_f64() * 1e3, cells.join(" | "));
         }
     }
 }

@@ -168,23 +168,24 @@ pub(crate) fn score_norm2(gq: &[f64], gk: Option<&[f64]>, d: usize) -> f64 {
     }
 }
 
-/// Score error (squared) of fusing the members of `members` into one
-/// column with Mean fusion, without K weighting (`gk = None`) or with it.
-fn cluster_cost(gq: &[f64], gk: Option<&[f64]>, d: usize, members: &[u16]) -> f64 {
+/// Score error (squared) of fusing the columns `members` into one with
+/// Mean fusion, without K weighting (`gk = None`) or with it. `r` is scratch
+/// of at least `members.len()` entries.
+fn cluster_cost(gq: &[f64], gk: Option<&[f64]>, d: usize, members: &[u16], r: &mut [f64]) -> f64 {
     let s = members.len() as f64;
-    let r: Vec<f64> = members
-        .iter()
-        .map(|&j| members.iter().map(|&a| gq[a as usize * d + j as usize]).sum::<f64>() / s)
-        .collect();
+    let at = |g: &[f64], x: u16, y: u16| g[x as usize * d + y as usize];
+    for (rx, &j) in r.iter_mut().zip(members) {
+        *rx = members.iter().map(|&a| at(gq, a, j)).sum::<f64>() / s;
+    }
+    let r = &r[..members.len()];
     let m = r.iter().sum::<f64>() / s;
     let mut cost = 0.0;
     for (x, &j) in members.iter().enumerate() {
         match gk {
-            None => cost += gq[j as usize * d + j as usize] - 2.0 * r[x] + m,
+            None => cost += at(gq, j, j) - 2.0 * r[x] + m,
             Some(gk) => {
                 for (y, &jj) in members.iter().enumerate() {
-                    let c = gq[j as usize * d + jj as usize] - r[x] - r[y] + m;
-                    cost += c * gk[j as usize * d + jj as usize];
+                    cost += (at(gq, j, jj) - r[x] - r[y] + m) * at(gk, j, jj);
                 }
             }
         }
@@ -192,58 +193,99 @@ fn cluster_cost(gq: &[f64], gk: Option<&[f64]>, d: usize, members: &[u16]) -> f6
     cost
 }
 
-/// Greedy agglomerative grouping: start from single columns; in each round
-/// merge disjoint pairs of clusters in order of increasing added score error
-/// (ties by cluster order), until clusters have `g` columns (a power of
-/// two). Writes the clusters, ordered by their smallest column, into `perm`.
+/// [`cluster_cost`] of a pair in O(1): the fused error is
+/// `|q_a - q_b|^2 / 2` without K weighting and `|q_a - q_b|^2 |k_a - k_b|^2 / 4` with it.
+#[inline]
+fn pair_cost(gq: &[f64], gk: Option<&[f64]>, d: usize, a: u16, b: u16) -> f64 {
+    let dist = |g: &[f64]| {
+        let (a, b) = (a as usize, b as usize);
+        g[a * d + a] + g[b * d + b] - 2.0 * g[a * d + b]
+    };
+    match gk {
+        None => dist(gq) / 2.0,
+        Some(gk) => dist(gq) * dist(gk) / 4.0,
+    }
+}
+
+/// Cost of a group of any size, using the O(1) form for pairs.
+fn group_cost(gq: &[f64], gk: Option<&[f64]>, d: usize, members: &[u16], r: &mut [f64]) -> f64 {
+    match *members {
+        [a, b] => pair_cost(gq, gk, d, a, b),
+        _ => cluster_cost(gq, gk, d, members, r),
+    }
+}
+
+/// Greedy agglomerative grouping followed by local search.
+///
+/// Groups start as single columns; each round merges disjoint pairs of
+/// groups in order of increasing added score error (ties by position), until
+/// groups have `g` columns (a power of two); then single columns are swapped
+/// between groups while the summed error drops. Writes the groups, each
+/// ordered as merged and ordered by their smallest column, into `perm`.
 pub(crate) fn similarity_groups(gq: &[f64], gk: Option<&[f64]>, d: usize, g: usize, perm: &mut [u16]) {
-    let mut clusters: Vec<Vec<u16>> = (0..d as u16).map(|j| alloc::vec![j]).collect();
-    while clusters[0].len() < g {
-        let costs: Vec<f64> = clusters.iter().map(|c| cluster_cost(gq, gk, d, c)).collect();
-        let mut pairs = Vec::with_capacity(clusters.len() * (clusters.len() - 1) / 2);
-        for a in 0..clusters.len() {
-            for b in a + 1..clusters.len() {
-                let merged: Vec<u16> = clusters[a].iter().chain(&clusters[b]).copied().collect();
-                let delta = cluster_cost(gq, gk, d, &merged) - costs[a] - costs[b];
-                pairs.push((delta, a, b));
+    let mut cur: Vec<u16> = (0..d as u16).collect();
+    let mut r = alloc::vec![0f64; g.max(2)];
+    let mut merged = alloc::vec![0u16; g.max(2)];
+    let mut size = 1;
+    while size < g {
+        let n = d / size;
+        let costs: Vec<f64> = cur.chunks(size).map(|c| group_cost(gq, gk, d, c, &mut r)).collect();
+        let mut pairs = Vec::with_capacity(n * (n - 1) / 2);
+        for a in 0..n {
+            for b in a + 1..n {
+                let m = &mut merged[..2 * size];
+                m[..size].copy_from_slice(&cur[a * size..(a + 1) * size]);
+                m[size..].copy_from_slice(&cur[b * size..(b + 1) * size]);
+                let delta = group_cost(gq, gk, d, m, &mut r) - costs[a] - costs[b];
+                pairs.push((delta, a as u32, b as u32));
             }
         }
-        pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-        let mut taken = alloc::vec![false; clusters.len()];
-        let mut next = Vec::with_capacity(clusters.len() / 2);
+        pairs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        let mut taken = alloc::vec![false; n];
+        let mut next = Vec::with_capacity(d);
         for (_, a, b) in pairs {
+            let (a, b) = (a as usize, b as usize);
             if !taken[a] && !taken[b] {
                 taken[a] = true;
                 taken[b] = true;
-                next.push(clusters[a].iter().chain(&clusters[b]).copied().collect::<Vec<u16>>());
+                next.extend_from_slice(&cur[a * size..(a + 1) * size]);
+                next.extend_from_slice(&cur[b * size..(b + 1) * size]);
             }
         }
-        next.sort_by_key(|c| c.iter().copied().min());
-        clusters = next;
+        size *= 2;
+        // Order groups by their smallest column, for a canonical plan.
+        let mut groups: Vec<&[u16]> = next.chunks(size).collect();
+        groups.sort_by_key(|c| c.iter().copied().min());
+        cur = groups.concat();
     }
-    refine(gq, gk, d, &mut clusters);
-    for (dst, &j) in perm.iter_mut().zip(clusters.iter().flatten()) {
-        *dst = j;
-    }
+    refine(gq, gk, d, g, &mut cur, &mut r);
+    perm[..d].copy_from_slice(&cur);
 }
 
 /// Local search after the greedy rounds: swap single columns between two
 /// groups while that lowers the summed cost (at most 8 passes; on the
 /// fixtures it converges in 4).
-fn refine(gq: &[f64], gk: Option<&[f64]>, d: usize, clusters: &mut [Vec<u16>]) {
-    let mut costs: Vec<f64> = clusters.iter().map(|c| cluster_cost(gq, gk, d, c)).collect();
+fn refine(gq: &[f64], gk: Option<&[f64]>, d: usize, g: usize, cur: &mut [u16], r: &mut [f64]) {
+    if g < 2 {
+        return;
+    }
+    let n = d / g;
+    let mut costs: Vec<f64> = cur.chunks(g).map(|c| group_cost(gq, gk, d, c, r)).collect();
+    let mut ga = alloc::vec![0u16; g];
+    let mut gb = alloc::vec![0u16; g];
     for _ in 0..8 {
         let mut improved = false;
-        for a in 0..clusters.len() {
-            for b in a + 1..clusters.len() {
-                for x in 0..clusters[a].len() {
-                    for y in 0..clusters[b].len() {
-                        let (mut ca, mut cb) = (clusters[a].clone(), clusters[b].clone());
-                        core::mem::swap(&mut ca[x], &mut cb[y]);
-                        let (na, nb) = (cluster_cost(gq, gk, d, &ca), cluster_cost(gq, gk, d, &cb));
+        for a in 0..n {
+            for b in a + 1..n {
+                for x in 0..g {
+                    for y in 0..g {
+                        ga.copy_from_slice(&cur[a * g..(a + 1) * g]);
+                        gb.copy_from_slice(&cur[b * g..(b + 1) * g]);
+                        core::mem::swap(&mut ga[x], &mut gb[y]);
+                        let (na, nb) = (group_cost(gq, gk, d, &ga, r), group_cost(gq, gk, d, &gb, r));
                         if na + nb < (costs[a] + costs[b]) * (1.0 - 1e-12) {
-                            clusters[a] = ca;
-                            clusters[b] = cb;
+                            cur[a * g..(a + 1) * g].copy_from_slice(&ga);
+                            cur[b * g..(b + 1) * g].copy_from_slice(&gb);
                             costs[a] = na;
                             costs[b] = nb;
                             improved = true;
