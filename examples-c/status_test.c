@@ -1,0 +1,220 @@
+/*
+ * Every status of the C ABI, from C: each class of bad argument at least once,
+ * checking the status and that the thread's message says something. Prints
+ * "N passed, M failed" and exits nonzero on any failure.
+ *
+ * DA_STATUS_PANIC cannot be provoked through the API (it reports a library
+ * bug); its description is checked, and the Rust tests cover the boundary.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "distr_attention.h"
+
+static int passed, failed;
+
+/* Checks `got` against `want` and the message: empty on success, otherwise
+ * non-empty and containing `needle`. */
+static void expect(const char *what, da_status got, da_status want, const char *needle) {
+    const char *msg = da_last_error_message();
+    int ok = got == want && (want == DA_STATUS_OK ? msg[0] == '\0' : msg[0] != '\0' && strstr(msg, needle) != NULL);
+    if (ok) {
+        passed++;
+        printf("ok   %-40s %-36s %s\n", what, da_status_string(got), msg);
+    } else {
+        failed++;
+        printf("FAIL %-40s got %u (%s), want %u; message: \"%s\", expected to contain \"%s\"\n", what,
+               (unsigned)got, da_status_string(got), (unsigned)want, msg, needle);
+    }
+}
+
+enum { N = 20, H = 2, D = 16 };
+static float q[N * H * D], k[N * H * D], v[N * H * D], out[N * H * D + 1], lse[H * N + 1];
+static uint16_t plan[4 * H * D + 1];
+
+static da_tensor dense(const void *data, size_t heads) {
+    da_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = DA_DTYPE_F32;
+    t.batch = 1;
+    t.seq = N;
+    t.heads = heads;
+    t.head_dim = D;
+    t.stride_head = D;
+    t.stride_seq = heads * D;
+    t.stride_batch = N * heads * D;
+    return t;
+}
+
+/* da_forward with the standard tensors and one modified. */
+static da_status forward(da_context *ctx, const da_config *cfg, const da_tensor *tq, const da_tensor *tk,
+                         const da_tensor *tv, const da_tensor *to) {
+    return da_forward(ctx, cfg, tq, tk, tv, to, NULL, 0, NULL, 0);
+}
+
+int main(void) {
+    for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) {
+        q[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
+        k[i] = (float)((i * 11) % 13) / 13.0f - 0.5f;
+        v[i] = (float)((i * 7) % 19) / 19.0f - 0.5f;
+    }
+    da_tensor tq = dense(q, H), tk = dense(k, H), tv = dense(v, H), to = dense(out, H), t;
+    da_config cfg, c;
+    da_context *ctx = NULL;
+    expect("da_context_new", da_context_new(&ctx), DA_STATUS_OK, "");
+    expect("da_config_default", da_config_default(&cfg, sizeof cfg), DA_STATUS_OK, "");
+    expect("forward succeeds", forward(ctx, &cfg, &tq, &tk, &tv, &to), DA_STATUS_OK, "");
+
+    /* NULL pointers. */
+    expect("NULL context", forward(NULL, &cfg, &tq, &tk, &tv, &to), DA_STATUS_NULL_POINTER, "context");
+    expect("NULL config", forward(ctx, NULL, &tq, &tk, &tv, &to), DA_STATUS_NULL_POINTER, "config");
+    expect("NULL q descriptor", forward(ctx, &cfg, NULL, &tk, &tv, &to), DA_STATUS_NULL_POINTER, "q");
+    t = tv, t.data = NULL;
+    expect("NULL v data", forward(ctx, &cfg, &tq, &tk, &t, &to), DA_STATUS_NULL_POINTER, "v: data pointer");
+    expect("NULL plan", da_attention(ctx, &cfg, NULL, 10, &tq, &tk, &tv, &to, NULL, 0), DA_STATUS_NULL_POINTER,
+           "plan");
+    expect("NULL context out", da_context_new(NULL), DA_STATUS_NULL_POINTER, "out");
+    c = cfg, c.num_group_sizes = 2;
+    expect("NULL group_sizes", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_NULL_POINTER, "group_sizes");
+
+    /* Misaligned pointers. */
+    t = tq, t.data = (const char *)q + 1;
+    expect("misaligned q", forward(ctx, &cfg, &t, &tk, &tv, &to), DA_STATUS_MISALIGNED_POINTER, "aligned");
+    expect("misaligned lse",
+           da_exact_attention(ctx, &cfg, &tq, &tk, &tv, &to, (float *)((char *)lse + 2), H * N),
+           DA_STATUS_MISALIGNED_POINTER, "lse");
+
+    /* Invalid arguments: enum values and struct sizes. */
+    t = tk, t.dtype = 9;
+    expect("unknown dtype", forward(ctx, &cfg, &tq, &t, &tv, &to), DA_STATUS_INVALID_ARGUMENT, "dtype 9");
+    c = cfg, c.fusion = 5;
+    expect("unknown fusion", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_INVALID_ARGUMENT, "fusion 5");
+    c = cfg, c.struct_size = 8;
+    expect("struct_size too small", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_INVALID_ARGUMENT,
+           "struct_size");
+    expect("da_config_default size", da_config_default(&c, 3), DA_STATUS_INVALID_ARGUMENT, "struct_size");
+
+    /* Bad configs. */
+    c = cfg, c.block_rows = 0;
+    expect("block_rows 0", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_BAD_CONFIG, "block_rows");
+    c = cfg, c.num_projections = 40;
+    expect("num_projections 40", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_BAD_CONFIG, "num_projections");
+    c = cfg, c.scale = -2.0f;
+    expect("negative scale", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_BAD_CONFIG, "scale");
+    c = cfg, c.group_size = 3;
+    expect("group size 3", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_BAD_CONFIG, "group size 3");
+    uint32_t sizes[3] = {2, 4, 2};
+    c = cfg, c.group_sizes = sizes, c.num_group_sizes = 3;
+    expect("3 group sizes for 2 heads", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_BAD_CONFIG,
+           "per-head group sizes");
+    c = cfg, c.scale = NAN;
+    expect("NaN scale means the default", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_OK, "");
+
+    /* Invalid shapes. */
+    t = tq, t.seq = 0;
+    expect("zero seq", forward(ctx, &cfg, &t, &tk, &tv, &to), DA_STATUS_INVALID_SHAPE, "q: dimension seq is zero");
+    da_plan_shape shape;
+    t = tq, t.data = NULL, t.head_dim = 70000;
+    expect("head_dim above 65536", da_get_plan_shape(&cfg, &t, &shape), DA_STATUS_INVALID_SHAPE, "head_dim");
+
+    /* Shape mismatches. */
+    t = tk, t.head_dim = 8;
+    expect("k head_dim", forward(ctx, &cfg, &tq, &t, &tv, &to), DA_STATUS_SHAPE_MISMATCH, "k: dimension head_dim");
+    t = tv, t.seq = 10;
+    expect("v seq", forward(ctx, &cfg, &tq, &tk, &t, &to), DA_STATUS_SHAPE_MISMATCH, "v: dimension seq");
+    t = to, t.heads = 1;
+    expect("output heads", forward(ctx, &cfg, &tq, &tk, &tv, &t), DA_STATUS_SHAPE_MISMATCH, "output: dimension heads");
+    t = tq, t.heads = 3, t.seq = 10;
+    expect("q heads not a multiple", forward(ctx, &cfg, &t, &tk, &tv, &to), DA_STATUS_SHAPE_MISMATCH, "multiple");
+
+    /* Size overflow: the extent is rejected before any memory is read. */
+    t = tq, t.batch = 4, t.stride_batch = SIZE_MAX / 2;
+    expect("extent overflows", forward(ctx, &cfg, &t, &tk, &tv, &to), DA_STATUS_SIZE_OVERFLOW, "overflow");
+    t = tk, t.batch = 2, t.stride_batch = SIZE_MAX / 4;
+    expect("bytes overflow", forward(ctx, &cfg, &tq, &t, &tv, &to), DA_STATUS_SIZE_OVERFLOW, "address space");
+
+    /* Buffers too small. */
+    expect("da_get_plan_shape", da_get_plan_shape(&cfg, &tq, &shape), DA_STATUS_OK, "");
+    expect("plan buffer", da_plan(ctx, &cfg, &tq, plan, shape.num_entries - 1), DA_STATUS_BUFFER_TOO_SMALL,
+           "plan: buffer holds");
+    expect("lse buffer", da_exact_attention(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N - 1),
+           DA_STATUS_BUFFER_TOO_SMALL, "lse: buffer holds");
+    float r[8];
+    expect("projections buffer", da_projections(&cfg, r, 8), DA_STATUS_BUFFER_TOO_SMALL, "projections");
+
+    /* Overlapping buffers. */
+    t = dense(q, H);
+    expect("output over q", forward(ctx, &cfg, &tq, &tk, &tv, &t), DA_STATUS_OVERLAPPING_BUFFERS, "overlaps");
+    expect("lse over the output", da_exact_attention(ctx, &cfg, &tq, &tk, &tv, &to, out + 5, H * N),
+           DA_STATUS_OVERLAPPING_BUFFERS, "overlaps");
+    t = to, t.stride_head = 0;
+    expect("output heads share memory", forward(ctx, &cfg, &tq, &tk, &tv, &t), DA_STATUS_OVERLAPPING_BUFFERS,
+           "overlap");
+
+    /* Non-finite input. */
+    k[3] = INFINITY;
+    expect("infinite k", forward(ctx, &cfg, &tq, &tk, &tv, &to), DA_STATUS_NON_FINITE, "k: non-finite");
+    k[3] = 0.0f;
+
+    /* A plan that is not a permutation. */
+    expect("da_plan", da_plan(ctx, &cfg, &tq, plan, shape.num_entries), DA_STATUS_OK, "");
+    expect("da_attention with the plan", da_attention(ctx, &cfg, plan, shape.num_entries, &tq, &tk, &tv, &to, lse, H * N),
+           DA_STATUS_OK, "");
+    plan[0] = plan[1];
+    expect("repeated column", da_attention(ctx, &cfg, plan, shape.num_entries, &tq, &tk, &tv, &to, NULL, 0),
+           DA_STATUS_BAD_PLAN, "not a permutation");
+
+    /* Unsupported combinations. */
+    t = to, t.dtype = DA_DTYPE_BF16;
+    expect("bf16 output", forward(ctx, &cfg, &tq, &tk, &tv, &t), DA_STATUS_UNSUPPORTED, "outputs must be f32");
+    t = tv, t.dtype = DA_DTYPE_F16;
+    expect("v dtype differs from q", forward(ctx, &cfg, &tq, &tk, &t, &to), DA_STATUS_UNSUPPORTED, "q's dtype");
+    c = cfg, c.reserved = 1;
+    expect("reserved field set", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_UNSUPPORTED, "reserved");
+
+    /* Allocation failure: a V head dimension of 2^40 needs terabytes of
+     * scratch. The data pointers are never dereferenced: the allocation
+     * fails first. */
+    if (sizeof(size_t) == 8) {
+        da_tensor big_v = dense((const void *)((uintptr_t)1 << 50), H);
+        da_tensor big_o = dense((const void *)((uintptr_t)1 << 52), H);
+        big_v.head_dim = big_o.head_dim = (size_t)1 << 40;
+        big_v.stride_head = big_o.stride_head = (size_t)1 << 40;
+        big_v.seq = big_o.seq = 1, big_v.heads = big_o.heads = 1;
+        t = tq, t.seq = 1, t.heads = 1;
+        da_tensor tk1 = tk;
+        tk1.seq = 1, tk1.heads = 1;
+        expect("scratch allocation", da_exact_attention(ctx, &cfg, &t, &tk1, &big_v, &big_o, NULL, 0),
+               DA_STATUS_ALLOCATION_FAILED, "could not allocate");
+    }
+
+    /* The status strings, the copy form of the message, the version. */
+    expect("zero seq again", forward(ctx, &cfg, &(da_tensor){.data = q, .dtype = 0, .batch = 1}, &tk, &tv, &to),
+           DA_STATUS_INVALID_SHAPE, "zero");
+    char buf[8];
+    size_t len = da_last_error_copy(buf, sizeof buf);
+    if (len == strlen(da_last_error_message()) && strlen(buf) == sizeof buf - 1) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL da_last_error_copy returned %zu, copied \"%s\"\n", len, buf);
+    }
+    for (unsigned s = 0; s <= DA_STATUS_PANIC; s++) {
+        if (strlen(da_status_string(s)) == 0 || strcmp(da_status_string(s), "unknown status") == 0) {
+            failed++;
+            printf("FAIL no description for status %u\n", s);
+        } else {
+            passed++;
+        }
+    }
+    if (strcmp(da_status_string(DA_STATUS_PANIC + 1), "unknown status") != 0) failed++;
+    printf("version %s (%u)\n", da_version(), (unsigned)da_version_number());
+
+    da_context_free(ctx);
+    da_context_free(NULL);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}

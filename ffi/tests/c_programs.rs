@@ -1,0 +1,277 @@
+//! The C and C++ programs of `examples-c/`, compiled with the system's gcc and
+//! g++ against `include/` and the built library only, and run: their results
+//! must equal the Rust API's on the same inputs, and the C status test must
+//! pass. Also the routes C users build by: the Makefile, the installed
+//! pkg-config files and the CMake package (CMake only where it is installed).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{available, library, query, root, run, scratch_dir, take_f32, take_u16, value};
+use distr_attention_core::{distr_attention, Config, Fusion, GroupSizes, Layout, Tensor, TensorMut};
+
+const CFLAGS: [&str; 5] = ["-O2", "-Wall", "-Wextra", "-Werror", "-Wpedantic"];
+const STATIC_LIBS: [&str; 5] = ["-lpthread", "-ldl", "-lm", "-lrt", "-lutil"];
+
+/// Compiles one source of `examples-c/` against `include/` and the static library.
+fn compile_static(compiler: &str, std: &str, source: &str, exe: &Path) {
+    let lib = library();
+    let src = root().join("examples-c").join(source);
+    run(Command::new(compiler)
+        .arg(std)
+        .args(CFLAGS)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(src)
+        .arg(&lib.static_lib)
+        .args(STATIC_LIBS)
+        .arg("-o")
+        .arg(exe));
+}
+
+/// Dense inputs of `examples-c/inputs.h` for Q `[b, n, hq, d]` and K, V `[b, n, hk, d]`.
+fn inputs(b: usize, n: usize, hq: usize, hk: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let q = (0..b * n * hq * d).map(|i| query(i as u32)).collect();
+    let k = (0..b * n * hk * d).map(|i| value(i as u32, 2)).collect();
+    let v = (0..b * n * hk * d).map(|i| value(i as u32, 3)).collect();
+    (q, k, v)
+}
+
+/// The Rust API's one-shot DistrAttention: output, lse and plan.
+fn rust_result(
+    cfg: &Config<'_>,
+    b: usize,
+    n: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<u16>) {
+    let (q, k, v) = inputs(b, n, hq, hk, d);
+    let (lq, lk) = (Layout::contiguous(b, n, hq, d), Layout::contiguous(b, n, hk, d));
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; b * hq * n];
+    let plan = distr_attention(
+        cfg,
+        &Tensor::new(&q, lq),
+        &Tensor::new(&k, lk),
+        &Tensor::new(&v, lk),
+        &mut TensorMut::new(&mut out, lq),
+        Some(&mut lse),
+    )
+    .expect("the Rust API accepts the example's inputs");
+    (out, lse, plan.into_vec())
+}
+
+fn assert_same(what: &str, c: &[f32], rust: &[f32]) {
+    assert_eq!(c.len(), rust.len(), "{what}: lengths");
+    let max = c.iter().zip(rust).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let differing = c.iter().zip(rust).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differing, 0, "{what}: {differing} elements differ from the Rust API, max |diff| {max}");
+}
+
+#[test]
+fn c_example_matches_the_rust_api() {
+    let dir = scratch_dir("c_example");
+    let exe = dir.join("example");
+    compile_static("gcc", "-std=c11", "example.c", &exe);
+    // The example's problem: [1, 256, 4, 64] queries, 2 KV heads, causal,
+    // block_rows 64, 16 projections, seed 0.
+    let (b, n, hq, hk, d) = (1, 256, 4, 2, 64);
+    for g in [2usize, 4] {
+        let file = dir.join(format!("out_g{g}.bin"));
+        let out = run(Command::new(&exe).arg(g.to_string()).arg(&file));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("group size {g}: relative error vs exact attention")), "{stdout}");
+        assert!(stdout.contains("replay of the plan: identical"), "{stdout}");
+
+        let cfg = Config { causal: true, ..Config::with_group_size(g) };
+        let (want, _, want_plan) = rust_result(&cfg, b, n, hq, hk, d);
+        let bytes = std::fs::read(&file).expect("the example wrote its output");
+        let mut pos = 0;
+        assert_same("C output", &take_f32(&bytes, &mut pos, want.len()), &want);
+        assert_eq!(take_u16(&bytes, &mut pos, want_plan.len()), want_plan, "C plan");
+        assert_eq!(pos, bytes.len(), "nothing else in the file");
+    }
+    // G = 1 is exact attention: the example prints a zero error.
+    let out = run(Command::new(&exe).arg("1"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("relative error vs exact attention 0.000000"), "{stdout}");
+}
+
+#[test]
+fn cpp_example_matches_the_rust_api() {
+    let dir = scratch_dir("cpp_example");
+    let exe = dir.join("example_cpp");
+    compile_static("g++", "-std=c++17", "example.cpp", &exe);
+    let file = dir.join("out.bin");
+    let out = run(Command::new(&exe).arg(&file));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("expected error (status 4): invalid configuration: group size 3"), "{stdout}");
+
+    // The C++ example's problem and config.
+    let (b, n, hq, hk, d) = (2, 100, 4, 4, 32);
+    let sizes = [1usize, 2, 4, 8];
+    let cfg = Config {
+        block_rows: 32,
+        group_sizes: GroupSizes::PerHead(&sizes),
+        fusion: Fusion::Sample,
+        seed: 7,
+        ..Config::default()
+    };
+    let (want, want_lse, want_plan) = rust_result(&cfg, b, n, hq, hk, d);
+    let bytes = std::fs::read(&file).expect("the example wrote its output");
+    let mut pos = 0;
+    assert_same("C++ output", &take_f32(&bytes, &mut pos, want.len()), &want);
+    assert_same("C++ lse", &take_f32(&bytes, &mut pos, want_lse.len()), &want_lse);
+    assert_eq!(take_u16(&bytes, &mut pos, want_plan.len()), want_plan, "C++ plan");
+    assert_eq!(pos, bytes.len());
+}
+
+/// Runs the C status test and checks its summary line.
+fn check_status_test(exe: &Path) {
+    let out = run(&mut Command::new(exe));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout.lines().last().unwrap_or("");
+    let passed: usize = summary.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(summary.ends_with(" passed, 0 failed") && passed >= 60, "{stdout}");
+}
+
+#[test]
+fn c_status_test_passes_against_the_shared_library() {
+    let lib = library();
+    let dir = scratch_dir("status_test");
+    let exe = dir.join("status_test");
+    run(Command::new("gcc")
+        .arg("-std=c11")
+        .args(CFLAGS)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("examples-c/status_test.c"))
+        .arg("-L")
+        .arg(&lib.dir)
+        .arg("-ldistr_attention")
+        .arg(format!("-Wl,-rpath,{}", lib.dir.display()))
+        .arg("-lm")
+        .arg("-o")
+        .arg(&exe));
+    check_status_test(&exe);
+}
+
+#[test]
+fn makefile_builds_and_runs_the_examples() {
+    if !available("make") {
+        eprintln!("skipped: make is not installed");
+        return;
+    }
+    let lib = library();
+    let dir = scratch_dir("makefile");
+    let out = run(Command::new("make")
+        .arg("-C")
+        .arg(root().join("examples-c"))
+        .arg(format!("LIBDIR={}", lib.dir.display()))
+        .arg(format!("BUILD={}", dir.display()))
+        .arg("run"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("replay of the plan: identical") && stdout.contains(" passed, 0 failed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn installed_package_works_with_pkg_config_and_cmake() {
+    let lib = library();
+    let dir = scratch_dir("install");
+    let prefix = dir.join("prefix");
+    run(Command::new("sh").arg(root().join("ffi/dist/install.sh")).arg(&prefix).arg(&lib.dir));
+    for file in [
+        "include/distr_attention.h",
+        "include/distr_attention.hpp",
+        "lib/libdistr_attention.so",
+        "lib/libdistr_attention.a",
+        "lib/cmake/DistrAttention/DistrAttentionConfig.cmake",
+        "lib/cmake/DistrAttention/DistrAttentionConfigVersion.cmake",
+    ] {
+        assert!(prefix.join(file).is_file(), "{file} not installed");
+    }
+    let pc_path = prefix.join("lib/pkgconfig");
+    let pc = std::fs::read_to_string(pc_path.join("distr_attention.pc")).unwrap();
+    assert!(pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))), "{pc}");
+
+    if available("pkg-config") {
+        let flags = |package: &str| {
+            let out = run(Command::new("pkg-config")
+                .env("PKG_CONFIG_PATH", &pc_path)
+                .args(["--cflags", "--libs", package]));
+            String::from_utf8(out.stdout).unwrap().split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+        };
+        // Shared: the status test, with the library found through an rpath.
+        let exe = dir.join("status_test_pc");
+        run(Command::new("gcc")
+            .arg("-std=c11")
+            .args(CFLAGS)
+            .arg(root().join("examples-c/status_test.c"))
+            .args(flags("distr_attention"))
+            .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
+            .arg("-lm")
+            .arg("-o")
+            .arg(&exe));
+        check_status_test(&exe);
+        // Static: the C example.
+        let exe = dir.join("example_pc");
+        run(Command::new("gcc")
+            .arg("-std=c11")
+            .args(CFLAGS)
+            .arg(root().join("examples-c/example.c"))
+            .args(flags("distr_attention-static"))
+            .arg("-o")
+            .arg(&exe));
+        let out = run(&mut Command::new(&exe));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("replay of the plan: identical"));
+    } else {
+        eprintln!("skipped the pkg-config build: pkg-config is not installed");
+    }
+
+    if available("cmake") {
+        let build = dir.join("cmake-build");
+        run(Command::new("cmake")
+            .arg("-S")
+            .arg(root().join("examples-c"))
+            .arg("-B")
+            .arg(&build)
+            .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display())));
+        run(Command::new("cmake").arg("--build").arg(&build));
+        let out = run(&mut Command::new(build.join("example")));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("replay of the plan: identical"));
+        run(&mut Command::new(build.join("example_cpp")));
+        // The shared library is found through the build tree's rpath or the prefix.
+        check_status_test_with_path(&build.join("status_test"), &prefix.join("lib"));
+        // A version the package does not meet is refused.
+        let refused = dir.join("cmake-refused");
+        std::fs::create_dir_all(&refused).unwrap();
+        std::fs::write(
+            refused.join("CMakeLists.txt"),
+            "cmake_minimum_required(VERSION 3.16)\nproject(p C)\nfind_package(DistrAttention 9.0 REQUIRED)\n",
+        )
+        .unwrap();
+        let out = Command::new("cmake")
+            .arg("-S")
+            .arg(&refused)
+            .arg("-B")
+            .arg(refused.join("build"))
+            .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "find_package(DistrAttention 9.0) succeeded");
+    } else {
+        eprintln!("skipped the CMake build: cmake is not installed");
+    }
+}
+
+fn check_status_test_with_path(exe: &Path, lib_dir: &Path) {
+    let out = run(Command::new(exe).env("LD_LIBRARY_PATH", lib_dir));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().last().unwrap_or("").ends_with(" passed, 0 failed"), "{stdout}");
+}
