@@ -77,6 +77,40 @@ fn main() {
             }
         }
     }
+    // All cores: the multi-threaded path on the largest shape.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (n, d) = (*ns.last().unwrap_or(&512), 128);
+    let layout = Layout::contiguous(1, n, 2 * heads, d);
+    let len = n * 2 * heads * d;
+    let x: Vec<f32> = (0..len).map(|_| rand()).collect();
+    let t = Tensor::new(&x, layout);
+    let mut o = vec![0f32; len];
+    let cfg = Config::with_group_size(2);
+    let p = plan(&cfg, &t).unwrap();
+    let one = time(reps, || {
+        attention(&cfg, &p.as_ref(), &t, &t, &t, &mut TensorMut::new(&mut o, layout), None).unwrap()
+    });
+    let all = time(reps, || {
+        distr_attention::parallel::attention(
+            &cfg,
+            &p.as_ref(),
+            &t,
+            &t,
+            &t,
+            &mut TensorMut::new(&mut o, layout),
+            None,
+            0,
+        )
+        .unwrap()
+    });
+    println!(
+        "\nG=2, N={n}, d={d}, {} heads: 1 thread {:.2} ms, {threads} threads (parallel::attention) {:.2} ms ({:.2}x)",
+        2 * heads,
+        one.as_secs_f64() * 1e3,
+        all.as_secs_f64() * 1e3,
+        one.as_secs_f64() / all.as_secs_f64()
+    );
+
     // Plan cost of each grouping mode (G = 2) next to one exact attention call.
     println!(
         "\n| N | d | exact attention (ms) | LSH plan (ms) | Similarity plan (ms) | KeyWeighted plan (ms) |"

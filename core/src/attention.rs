@@ -80,6 +80,26 @@ pub(crate) fn validate<T: Element>(
     Ok(p)
 }
 
+/// Checks every argument of an attention call exactly as [`attention_into`]
+/// (with a plan) or [`exact_attention_into`] (without) do, without
+/// computing anything: shapes, strides, buffer lengths, config, plan shape
+/// and finiteness of the inputs. Returns the problem sizes.
+pub fn validate_attention<T: Element>(
+    cfg: &Config<'_>,
+    plan: Option<&PlanRef<'_>>,
+    q: &Tensor<'_, T>,
+    k: &Tensor<'_, T>,
+    v: &Tensor<'_, T>,
+    out: &TensorMut<'_>,
+    lse: Option<&[f32]>,
+) -> Result<Problem> {
+    let grouping = match plan {
+        Some(p) => Grouping::Plan(*p),
+        None => Grouping::Exact,
+    };
+    validate(cfg, &grouping, q, k, v, out, lse)
+}
+
 /// Checks that a plan was made for this problem and config.
 pub(crate) fn check_plan_shape(cfg: &Config<'_>, p: &Problem, plan: &PlanRef<'_>) -> Result<()> {
     let s = plan.shape();

@@ -65,7 +65,7 @@ pub mod reference;
 
 #[cfg(feature = "alloc")]
 pub use attention::{attention, distr_attention, exact_attention};
-pub use attention::{attention_into, attention_scratch_len, exact_attention_into};
+pub use attention::{attention_into, attention_scratch_len, exact_attention_into, validate_attention};
 pub use config::{Config, Fusion, GroupSizes, GroupingMode};
 pub use element::{DType, Element};
 pub use error::{Dim, Error, Operand, Result};

@@ -314,3 +314,56 @@ fn zero_stride_key_value_views() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The multi-threaded path gives bitwise the single-threaded results
+    /// (output, gaps of a strided output untouched, log-sum-exp).
+    #[test]
+    fn parallel_equals_single_threaded(case in case(), threads in 0usize..4, exact in any::<bool>()) {
+        let sizes = case.group_sizes();
+        let cfg = case.config(&sizes);
+        let inputs = Inputs::<f32>::new(&case);
+        let plan = plan_of(&cfg, &inputs);
+        let single = run(&cfg, if exact { None } else { Some(&plan) }, &inputs, Path::Fast).unwrap();
+        let lo = inputs.layouts[3];
+        let mut o = vec![f32::NAN; lo.required_len(distr_attention::Operand::Output).unwrap()];
+        let mut lse = vec![f32::NAN; inputs.problem().lse_len().unwrap()];
+        let (q, k, v) = inputs.tensors();
+        let mut out = distr_attention::TensorMut::new(&mut o, lo);
+        if exact {
+            distr_attention::parallel::exact_attention(&cfg, &q, &k, &v, &mut out, Some(&mut lse), threads).unwrap();
+        } else {
+            distr_attention::parallel::attention(&cfg, &plan.as_ref(), &q, &k, &v, &mut out, Some(&mut lse), threads).unwrap();
+        }
+        let dense = gather(&o, &lo);
+        prop_assert_eq!(dense.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), single.o.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        prop_assert_eq!(lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), single.lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        prop_assert_eq!(o.iter().filter(|x| !x.is_nan()).count(), dense.len());
+    }
+}
+
+#[test]
+fn parallel_rejects_bad_arguments_like_the_core() {
+    let l = Layout::contiguous(1, 8, 2, 32);
+    let x = vec![0.5f32; 8 * 2 * 32];
+    let mut y = x.clone();
+    y[9] = f32::NAN;
+    let mut o = vec![1.0f32; x.len()];
+    let t = Tensor::new(&x, l);
+    let err = distr_attention::parallel::exact_attention(
+        &Config::exact(),
+        &t,
+        &Tensor::new(&y, l),
+        &t,
+        &mut distr_attention::TensorMut::new(&mut o, l),
+        None,
+        2,
+    );
+    assert_eq!(
+        err,
+        Err(distr_attention::Error::NonFinite { operand: distr_attention::Operand::K, offset: 9 })
+    );
+    assert!(o.iter().all(|&v| v == 1.0), "nothing written on error");
+}
