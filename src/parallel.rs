@@ -14,6 +14,9 @@ use distr_attention_core::{
     GroupSizes, Layout, Operand, PlanRef, PlanShape, Result, Tensor, TensorMut,
 };
 
+/// One unit of work: its index, its slice of the log-sum-exp, its output buffer.
+type Unit<'o> = (usize, Option<&'o mut [f32]>, &'o mut [f32]);
+
 /// Number of threads to use: `threads`, or the machine's parallelism if 0.
 fn thread_count(threads: usize) -> usize {
     if threads > 0 {
@@ -110,8 +113,7 @@ fn run<T: Element>(
     outputs.resize(total, 0f32);
     let scratch_len = attention_scratch_len(p.head_dim, p.v_dim)?;
     let results: Vec<Result<()>> = thread::scope(|scope| {
-        let mut work: Vec<Vec<(usize, Option<&mut [f32]>, &mut [f32])>> =
-            (0..threads).map(|_| Vec::new()).collect();
+        let mut work: Vec<Vec<Unit<'_>>> = (0..threads).map(|_| Vec::new()).collect();
         for (unit, (l, o)) in lse_parts.iter_mut().zip(outputs.chunks_mut(unit_out)).enumerate() {
             work[unit % threads].push((unit, l.take(), o));
         }
