@@ -33,6 +33,8 @@ static void expect(const char *what, da_status got, da_status want, const char *
 enum { N = 20, H = 2, D = 16 };
 static float q[N * H * D], k[N * H * D], v[N * H * D], out[N * H * D + 1], lse[H * N + 1];
 static uint16_t plan[4 * H * D + 1];
+/* The last status of this version (statuses are numbered without gaps). */
+#define LAST_STATUS DA_STATUS_NOT_FOUND
 
 static da_tensor dense(const void *data, size_t heads) {
     da_tensor t;
@@ -92,6 +94,8 @@ int main(void) {
     expect("unknown dtype", forward(ctx, &cfg, &tq, &t, &tv, &to), DA_STATUS_INVALID_ARGUMENT, "dtype 9");
     c = cfg, c.fusion = 5;
     expect("unknown fusion", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_INVALID_ARGUMENT, "fusion 5");
+    c = cfg, c.grouping = 3;
+    expect("unknown grouping", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_INVALID_ARGUMENT, "grouping 3");
     c = cfg, c.struct_size = 8;
     expect("struct_size too small", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_INVALID_ARGUMENT,
            "struct_size");
@@ -172,8 +176,147 @@ int main(void) {
     expect("bf16 output", forward(ctx, &cfg, &tq, &tk, &tv, &t), DA_STATUS_UNSUPPORTED, "outputs must be f32");
     t = tv, t.dtype = DA_DTYPE_F16;
     expect("v dtype differs from q", forward(ctx, &cfg, &tq, &tk, &t, &to), DA_STATUS_UNSUPPORTED, "q's dtype");
-    c = cfg, c.reserved = 1;
-    expect("reserved field set", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_UNSUPPORTED, "reserved");
+    {
+        /* A config of a newer header: a field past the ones this library knows is set. */
+        struct {
+            da_config base;
+            uint64_t newer_field;
+        } newer;
+        expect("da_config_default, larger struct", da_config_default(&newer.base, sizeof newer), DA_STATUS_OK, "");
+        newer.newer_field = 1;
+        expect("field of a newer header", forward(ctx, &newer.base, &tq, &tk, &tv, &to), DA_STATUS_UNSUPPORTED,
+               "newer header");
+    }
+    c = cfg, c.grouping = DA_GROUPING_KEY_WEIGHTED;
+    expect("key-weighted da_plan", da_plan(ctx, &c, &tq, plan, shape.num_entries), DA_STATUS_UNSUPPORTED,
+           "da_plan_with_keys");
+    c = cfg, c.grouping = DA_GROUPING_SIMILARITY, c.group_size = 1;
+    expect("similarity G = 1", forward(ctx, &c, &tq, &tk, &tv, &to), DA_STATUS_OK, "");
+    {
+        /* Similarity grouping needs powers of two: G = 6 divides head_dim 12. */
+        static float q12[4 * 12], o12[4 * 12];
+        da_tensor t12 = dense(q12, 1), o12t = dense(o12, 1);
+        t12.seq = o12t.seq = 4, t12.head_dim = o12t.head_dim = 12;
+        t12.stride_head = o12t.stride_head = 12, t12.stride_seq = o12t.stride_seq = 12;
+        t12.stride_batch = o12t.stride_batch = 48;
+        c = cfg, c.grouping = DA_GROUPING_SIMILARITY, c.group_size = 6;
+        expect("similarity G = 6", forward(ctx, &c, &t12, &t12, &t12, &o12t), DA_STATUS_UNSUPPORTED, "group size 6");
+    }
+
+    /* ---- the entry points of grouping, estimates, the planner, tables and the backward pass. */
+    expect("da_plan_with_keys", da_plan_with_keys(ctx, &cfg, &tq, &tk, plan, shape.num_entries), DA_STATUS_OK, "");
+    expect("da_plan_with_keys NULL k", da_plan_with_keys(ctx, &cfg, &tq, NULL, plan, shape.num_entries),
+           DA_STATUS_NULL_POINTER, "k");
+    t = tk, t.head_dim = 8;
+    expect("da_plan_with_keys k head_dim", da_plan_with_keys(ctx, &cfg, &tq, &t, plan, shape.num_entries),
+           DA_STATUS_SHAPE_MISMATCH, "k: dimension head_dim");
+    expect("plan over k", da_plan_with_keys(ctx, &cfg, &tq, &tk, (uint16_t *)k, shape.num_entries),
+           DA_STATUS_OVERLAPPING_BUFFERS, "overlaps the buffer of k");
+
+    double rel[H], rms[H], sampled[H];
+    expect("da_estimate_errors",
+           da_estimate_errors(ctx, &cfg, plan, shape.num_entries, &tq, &tk, &tv, 4, rel, rms, sampled, H),
+           DA_STATUS_OK, "");
+    expect("estimate, computed plan", da_estimate_errors(ctx, &cfg, NULL, 0, &tq, &tk, &tv, 4, rel, NULL, NULL, H),
+           DA_STATUS_OK, "");
+    expect("estimate output short", da_estimate_errors(ctx, &cfg, NULL, 0, &tq, &tk, &tv, 4, rel, rms, NULL, H - 1),
+           DA_STATUS_BUFFER_TOO_SMALL, "relative_score_error");
+    expect("estimate outputs overlap", da_estimate_errors(ctx, &cfg, NULL, 0, &tq, &tk, &tv, 4, rel, rel, NULL, H),
+           DA_STATUS_OVERLAPPING_BUFFERS, "overlaps");
+    expect("estimate NULL plan, length", da_estimate_errors(ctx, &cfg, NULL, 5, &tq, &tk, &tv, 4, rel, NULL, NULL, H),
+           DA_STATUS_NULL_POINTER, "plan");
+
+    uint32_t chosen[H], candidates[3] = {2, 4, 8};
+    double measured[H], saving;
+    uint32_t met;
+    expect("da_choose_group_sizes",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 1, candidates, 3, DA_BUDGET_TARGET_MAX_ERROR, 0.5, chosen,
+                                 measured, NULL, H, &saving, &met),
+           DA_STATUS_OK, "");
+    expect("planner without samples",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 0, candidates, 3, DA_BUDGET_TARGET_MAX_ERROR, 0.5, chosen,
+                                 NULL, NULL, H, NULL, NULL),
+           DA_STATUS_INVALID_ARGUMENT, "num_samples");
+    expect("planner target out of range",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 1, candidates, 3, DA_BUDGET_TARGET_FLOP_SAVING, 1.5, chosen,
+                                 NULL, NULL, H, NULL, NULL),
+           DA_STATUS_INVALID_ARGUMENT, "out of range");
+    expect("planner unknown target",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 1, candidates, 3, 9, 0.5, chosen, NULL, NULL, H, NULL, NULL),
+           DA_STATUS_INVALID_ARGUMENT, "target_kind 9");
+    candidates[0] = 3;
+    expect("planner candidate 3",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 1, candidates, 3, DA_BUDGET_TARGET_MAX_ERROR, 0.5, chosen,
+                                 NULL, NULL, H, NULL, NULL),
+           DA_STATUS_BAD_CONFIG, "group size 3");
+    candidates[0] = 2;
+    expect("planner output short",
+           da_choose_group_sizes(&cfg, &tq, &tk, &tv, 1, candidates, 3, DA_BUDGET_TARGET_MAX_ERROR, 0.5, chosen,
+                                 NULL, NULL, H - 1, NULL, NULL),
+           DA_STATUS_BUFFER_TOO_SMALL, "group_sizes");
+
+    static const char table[] =
+        "{\"grouping\": \"Similarity\", \"block_rows\": 16, \"files\": [{\"file\": \"dir/calib.safetensors\", "
+        "\"layers\": [{\"layer\": \"layer0\", \"group_sizes\": [1, 4]}]}]}";
+    size_t heads = 0;
+    uint32_t sizes2[2];
+    c = cfg;
+    expect("da_load_group_sizes",
+           da_load_group_sizes(table, sizeof table - 1, "calib.safetensors", "layer0", sizes2, 2, &heads, &c),
+           DA_STATUS_OK, "");
+    if (heads == 2 && sizes2[0] == 1 && sizes2[1] == 4 && c.block_rows == 16 && c.grouping == DA_GROUPING_SIMILARITY) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL da_load_group_sizes read %zu heads: %u %u, block_rows %zu\n", heads, sizes2[0], sizes2[1],
+               c.block_rows);
+    }
+    expect("table layer missing", da_load_group_sizes(table, sizeof table - 1, NULL, "layer9", sizes2, 2, &heads, NULL),
+           DA_STATUS_NOT_FOUND, "layer9");
+    expect("table malformed", da_load_group_sizes(table, 20, NULL, "layer0", sizes2, 2, &heads, NULL),
+           DA_STATUS_BAD_TABLE, "not valid JSON");
+    expect("table buffer short", da_load_group_sizes(table, sizeof table - 1, NULL, "layer0", sizes2, 1, &heads, NULL),
+           DA_STATUS_BUFFER_TOO_SMALL, "group_sizes");
+    expect("table file missing",
+           da_load_group_sizes_file("/nonexistent/table.json", NULL, "layer0", sizes2, 2, &heads, NULL),
+           DA_STATUS_IO_ERROR, "cannot read");
+
+    static float dq[N * H * D], dk[N * H * D], dv[N * H * D];
+    da_tensor tdq = dense(dq, H), tdk = dense(dk, H), tdv = dense(dv, H), tdo = dense(v, H);
+    expect("forward for the backward",
+           da_forward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, plan, shape.num_entries), DA_STATUS_OK, "");
+    expect("da_attention_backward",
+           da_attention_backward(ctx, &cfg, plan, shape.num_entries, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdq, &tdk,
+                                 &tdv),
+           DA_STATUS_OK, "");
+    expect("da_exact_attention_backward",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdq, &tdk, &tdv),
+           DA_STATUS_OK, "");
+    expect("backward NULL lse",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, NULL, 0, &tdo, &tdq, &tdk, &tdv),
+           DA_STATUS_NULL_POINTER, "lse");
+    expect("backward dq over dk",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdk, &tdk, &tdv),
+           DA_STATUS_OVERLAPPING_BUFFERS, "overlaps");
+    t = dense(q, H);
+    expect("backward dq over q",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &t, &tdk, &tdv),
+           DA_STATUS_OVERLAPPING_BUFFERS, "overlaps the buffer of q");
+    t = tdq, t.dtype = DA_DTYPE_F16;
+    expect("backward f16 dq",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &t, &tdk, &tdv),
+           DA_STATUS_UNSUPPORTED, "gradients must be f32");
+    t = tdv, t.seq = 10;
+    expect("backward dv seq",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdq, &tdk, &t),
+           DA_STATUS_SHAPE_MISMATCH, "dv: dimension seq");
+    expect("backward plan short",
+           da_attention_backward(ctx, &cfg, plan, 3, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdq, &tdk, &tdv),
+           DA_STATUS_BUFFER_TOO_SMALL, "plan");
+    lse[0] = NAN;
+    expect("backward NaN lse",
+           da_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, lse, H * N, &tdo, &tdq, &tdk, &tdv),
+           DA_STATUS_NON_FINITE, "lse");
 
     /* Allocation failure: a V head dimension of 2^40 needs terabytes of
      * scratch. The data pointers are never dereferenced: the allocation
@@ -202,7 +345,7 @@ int main(void) {
         failed++;
         printf("FAIL da_last_error_copy returned %zu, copied \"%s\"\n", len, buf);
     }
-    for (unsigned s = 0; s <= DA_STATUS_PANIC; s++) {
+    for (unsigned s = 0; s <= LAST_STATUS; s++) {
         if (strlen(da_status_string(s)) == 0 || strcmp(da_status_string(s), "unknown status") == 0) {
             failed++;
             printf("FAIL no description for status %u\n", s);
@@ -210,7 +353,7 @@ int main(void) {
             passed++;
         }
     }
-    if (strcmp(da_status_string(DA_STATUS_PANIC + 1), "unknown status") != 0) failed++;
+    if (strcmp(da_status_string(LAST_STATUS + 1), "unknown status") != 0) failed++;
     printf("version %s (%u)\n", da_version(), (unsigned)da_version_number());
 
     da_context_free(ctx);

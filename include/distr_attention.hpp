@@ -6,6 +6,11 @@
 //   cfg.group_size(4).causal(true);
 //   auto q = distr_attention::dense(q_data, batch, seq, heads, head_dim);
 //   std::vector<uint16_t> plan = ctx.forward(cfg, q, k, v, out);
+//   ctx.attention_backward(cfg, plan, q, k, v, out, lse, d_out, dq, dk, dv);
+//
+// Also: grouping modes (Config::grouping, Context::plan_with_keys), per-head
+// error estimates (Context::estimate_errors), the error-budget planner
+// (choose_group_sizes) and its JSON tables (load_group_sizes).
 //
 // Failures throw distr_attention::Error, which carries the status and the
 // library's message. Handles are released by destructors; nothing here
@@ -74,6 +79,12 @@ inline da_tensor dense(const float *data, std::size_t batch, std::size_t seq, st
     return dense(data, DA_DTYPE_F32, batch, seq, heads, head_dim);
 }
 
+class Config;
+std::vector<std::uint32_t> load_group_sizes(const std::string &json, const std::string &layer,
+                                            const char *file, Config *config);
+std::vector<std::uint32_t> load_group_sizes_file(const std::string &path, const std::string &layer,
+                                                 const char *file, Config *config);
+
 // The parameters, starting from the library's defaults (da_config_default).
 // Per-head group sizes are stored in the object, so copies stay valid.
 class Config {
@@ -104,10 +115,18 @@ public:
     Config &causal(bool c) { raw_.causal = c ? 1 : 0; return *this; }
     // 0 restores the default 1/sqrt(head_dim).
     Config &scale(float s) { raw_.scale = s; return *this; }
+    // How plans group the columns (DA_GROUPING_LSH, _SIMILARITY, _KEY_WEIGHTED).
+    Config &grouping(da_grouping g) { raw_.grouping = g; return *this; }
 
     const da_config *get() const noexcept { return &raw_; }
+    const std::vector<std::uint32_t> &group_sizes() const noexcept { return sizes_; }
 
 private:
+    friend std::vector<std::uint32_t> load_group_sizes(const std::string &, const std::string &, const char *,
+                                                       Config *);
+    friend std::vector<std::uint32_t> load_group_sizes_file(const std::string &, const std::string &,
+                                                            const char *, Config *);
+
     void sync() {
         raw_.group_sizes = sizes_.empty() ? nullptr : sizes_.data();
         raw_.num_group_sizes = sizes_.size();
@@ -122,6 +141,77 @@ inline da_plan_shape plan_shape(const Config &config, const da_tensor &q) {
     da_plan_shape shape{};
     check(da_get_plan_shape(config.get(), &q, &shape));
     return shape;
+}
+
+// Per-(batch, query head) error estimates, each dense [batch][q_heads] (see
+// da_estimate_errors).
+struct ErrorEstimates {
+    std::vector<double> relative_score_error, rms_logit_error, sampled_output_error;
+};
+
+// One calibration sample of a layer for the planner.
+struct Sample {
+    da_tensor q, k, v;
+};
+
+// The planner's choice for one layer (see da_choose_group_sizes).
+struct BudgetPlan {
+    std::vector<std::uint32_t> group_sizes;  // one per query head, for Config::group_sizes
+    std::vector<double> measured_error, estimated_error;
+    double flop_saving = 0;
+    bool target_met = false;
+};
+
+// Chooses G per query head for one layer from its calibration samples:
+// target_kind DA_BUDGET_TARGET_MAX_ERROR (target: largest relative error per
+// head) or DA_BUDGET_TARGET_FLOP_SAVING (target: fraction of FLOPs to save).
+inline BudgetPlan choose_group_sizes(const Config &config, const std::vector<Sample> &samples,
+                                     const std::vector<std::uint32_t> &candidates, da_budget_target target_kind,
+                                     double target) {
+    std::vector<da_tensor> q, k, v;
+    for (const Sample &s : samples) {
+        q.push_back(s.q);
+        k.push_back(s.k);
+        v.push_back(s.v);
+    }
+    std::size_t heads = samples.empty() ? 0 : samples[0].q.heads;
+    BudgetPlan plan;
+    plan.group_sizes.resize(heads);
+    plan.measured_error.resize(heads);
+    plan.estimated_error.resize(heads);
+    std::uint32_t met = 0;
+    check(da_choose_group_sizes(config.get(), q.data(), k.data(), v.data(), samples.size(),
+                                candidates.empty() ? nullptr : candidates.data(), candidates.size(), target_kind,
+                                target, heads ? plan.group_sizes.data() : nullptr, plan.measured_error.data(),
+                                plan.estimated_error.data(), heads, &plan.flop_saving, &met));
+    plan.target_met = met != 0;
+    return plan;
+}
+
+// The group sizes of `layer` (in `file`, if not NULL) from a table written by
+// the planner's plan_heads command, given as JSON text. With `config`, its
+// block_rows and grouping become the table's and its group sizes the ones read.
+inline std::vector<std::uint32_t> load_group_sizes(const std::string &json, const std::string &layer,
+                                                   const char *file = nullptr, Config *config = nullptr) {
+    std::size_t heads = 0;
+    check(da_load_group_sizes(json.data(), json.size(), file, layer.c_str(), nullptr, 0, &heads, nullptr));
+    std::vector<std::uint32_t> sizes(heads);
+    check(da_load_group_sizes(json.data(), json.size(), file, layer.c_str(), sizes.data(), sizes.size(), &heads,
+                              config ? &config->raw_ : nullptr));
+    if (config) config->group_sizes(sizes);
+    return sizes;
+}
+
+// load_group_sizes on the table in the file at `path`.
+inline std::vector<std::uint32_t> load_group_sizes_file(const std::string &path, const std::string &layer,
+                                                        const char *file = nullptr, Config *config = nullptr) {
+    std::size_t heads = 0;
+    check(da_load_group_sizes_file(path.c_str(), file, layer.c_str(), nullptr, 0, &heads, nullptr));
+    std::vector<std::uint32_t> sizes(heads);
+    check(da_load_group_sizes_file(path.c_str(), file, layer.c_str(), sizes.data(), sizes.size(), &heads,
+                                   config ? &config->raw_ : nullptr));
+    if (config) config->group_sizes(sizes);
+    return sizes;
 }
 
 // Owns a da_context: the scratch memory of the compute calls. Movable, not
@@ -149,6 +239,46 @@ public:
         std::vector<std::uint16_t> plan(plan_shape(config, q).num_entries);
         check(da_plan(ctx_, config.get(), &q, plan.data(), plan.size()));
         return plan;
+    }
+
+    // The plan of `q` for attention over the keys `k`: needed for
+    // DA_GROUPING_KEY_WEIGHTED, the same as plan() in the other modes.
+    std::vector<std::uint16_t> plan_with_keys(const Config &config, const da_tensor &q, const da_tensor &k) {
+        std::vector<std::uint16_t> plan(plan_shape(config, q).num_entries);
+        check(da_plan_with_keys(ctx_, config.get(), &q, &k, plan.data(), plan.size()));
+        return plan;
+    }
+
+    // Per-head error estimates of DistrAttention on `plan` (nullptr: the plan
+    // forward() would use), with `sample_rows` rows measured exactly.
+    ErrorEstimates estimate_errors(const Config &config, const da_tensor &q, const da_tensor &k,
+                                   const da_tensor &v, const std::vector<std::uint16_t> *plan = nullptr,
+                                   std::size_t sample_rows = 16) {
+        std::size_t n = q.batch * q.heads;
+        ErrorEstimates e{std::vector<double>(n), std::vector<double>(n), std::vector<double>(n)};
+        check(da_estimate_errors(ctx_, config.get(), plan ? plan->data() : nullptr, plan ? plan->size() : 0, &q, &k,
+                                 &v, sample_rows, e.relative_score_error.data(), e.rms_logit_error.data(),
+                                 e.sampled_output_error.data(), n));
+        return e;
+    }
+
+    // Gradients of DistrAttention on `plan` (the forward's) into the f32
+    // tensors dq, dk, dv; `o` and `lse` are the forward's output and
+    // log-sum-exp, `d_out` the gradient of the loss with respect to `o`.
+    void attention_backward(const Config &config, const std::vector<std::uint16_t> &plan, const da_tensor &q,
+                            const da_tensor &k, const da_tensor &v, const da_tensor &o,
+                            const std::vector<float> &lse, const da_tensor &d_out, const da_tensor &dq,
+                            const da_tensor &dk, const da_tensor &dv) {
+        check(da_attention_backward(ctx_, config.get(), plan.data(), plan.size(), &q, &k, &v, &o, lse.data(),
+                                    lse.size(), &d_out, &dq, &dk, &dv));
+    }
+
+    // Gradients of exact attention (o and lse from exact_attention()).
+    void exact_attention_backward(const Config &config, const da_tensor &q, const da_tensor &k, const da_tensor &v,
+                                  const da_tensor &o, const std::vector<float> &lse, const da_tensor &d_out,
+                                  const da_tensor &dq, const da_tensor &dk, const da_tensor &dv) {
+        check(da_exact_attention_backward(ctx_, config.get(), &q, &k, &v, &o, lse.data(), lse.size(), &d_out, &dq,
+                                          &dk, &dv));
     }
 
     // DistrAttention on a given plan; `lse` (optional) receives

@@ -1,4 +1,5 @@
-"""DistrAttention from Python through the C ABI (ctypes), on numpy arrays.
+"""DistrAttention from Python through the C ABI (ctypes), on numpy arrays and
+(optionally) PyTorch tensors.
 
 A small module, not a package: put this directory on ``sys.path`` (or copy the
 file) and point it at the built library::
@@ -20,35 +21,66 @@ bfloat16 (``ml_dtypes``), any strides whose last dimension is contiguous
 float32. Errors raise :class:`DistrAttentionError` with the library's status
 and message.
 
+Beyond the forward pass: grouping modes (``Config(grouping="similarity")``,
+``"key_weighted"``), :func:`attention_backward` and
+:func:`exact_attention_backward` (gradients), :func:`estimate_errors`
+(per-head error estimates), :func:`choose_group_sizes` (the error-budget
+planner) and :func:`load_group_sizes` / :func:`config_from_table` (the JSON
+table of ``examples/plan_heads.rs``).
+
+PyTorch (imported only when used, never required): :class:`DistrAttentionFunction`
+is a ``torch.autograd.Function`` over CPU tensors, :func:`distr_attention` applies
+it, and :func:`hf_attention` is an attention function for Hugging Face
+``transformers`` models, registered as ``attn_implementation="distr_attention"``
+by :func:`register_transformers` (automatically at import when ``transformers``
+is already imported)::
+
+    import distr_attention as da
+    da.register_transformers(da.Config(group_size=2))
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="distr_attention")
+
 The C entry points of this version run on the CPU (host memory). Tensors are
-turned into descriptors by :func:`_describe`, which is where GPU entry points
-on torch tensors (``data_ptr()``, ``stride()``, the current stream) will
-plug in: a descriptor records the device, and each public function picks the
-C entry point for it.
+turned into descriptors by :func:`_describe`, which records the device of each
+tensor; :func:`_host_only` is where GPU entry points on torch tensors
+(``data_ptr()``, ``stride()``, the current stream) will plug in: each public
+function then picks the C entry point for the tensors' device.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import os
 import pathlib
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 __all__ = [
+    "BudgetPlan",
     "Config",
     "Context",
     "DistrAttentionError",
+    "DistrAttentionFunction",
     "Status",
     "attention",
+    "attention_backward",
+    "choose_group_sizes",
+    "config_from_table",
+    "distr_attention",
+    "estimate_errors",
     "exact_attention",
+    "exact_attention_backward",
     "forward",
+    "hf_attention",
     "library",
+    "load_group_sizes",
     "plan",
     "plan_shape",
     "projections",
+    "register_transformers",
     "version",
 ]
 
@@ -71,6 +103,9 @@ class Status(enum.IntEnum):
     UNSUPPORTED = 12
     ALLOCATION_FAILED = 13
     PANIC = 14
+    IO_ERROR = 15
+    BAD_TABLE = 16
+    NOT_FOUND = 17
 
 
 class DistrAttentionError(RuntimeError):
@@ -90,6 +125,9 @@ class DistrAttentionError(RuntimeError):
 
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 FUSION = {"mean": 0, "sample": 1}
+GROUPING = {"lsh": 0, "similarity": 1, "key_weighted": 2, "key-weighted": 2}
+_GROUPING_NAMES = {0: "lsh", 1: "similarity", 2: "key_weighted"}
+BUDGET_TARGET_MAX_ERROR, BUDGET_TARGET_FLOP_SAVING = 0, 1
 
 
 class _Config(ctypes.Structure):
@@ -104,7 +142,7 @@ class _Config(ctypes.Structure):
         ("fusion", ctypes.c_uint32),
         ("causal", ctypes.c_uint32),
         ("scale", ctypes.c_float),
-        ("reserved", ctypes.c_uint32),
+        ("grouping", ctypes.c_uint32),
     ]
 
 
@@ -158,6 +196,37 @@ _SIGNATURES = {
     "da_forward": (
         _STATUS,
         [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P, _SIZE],
+    ),
+    "da_plan_with_keys": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config), ctypes.POINTER(_Tensor), ctypes.POINTER(_Tensor), _P, _SIZE],
+    ),
+    "da_attention_backward": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config), _P, _SIZE] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE]
+        + [ctypes.POINTER(_Tensor)] * 4,
+    ),
+    "da_exact_attention_backward": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE] + [ctypes.POINTER(_Tensor)] * 4,
+    ),
+    "da_estimate_errors": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config), _P, _SIZE] + [ctypes.POINTER(_Tensor)] * 3 + [_SIZE, _P, _P, _P, _SIZE],
+    ),
+    "da_choose_group_sizes": (
+        _STATUS,
+        [ctypes.POINTER(_Config), _P, _P, _P, _SIZE, _P, _SIZE, ctypes.c_uint32, ctypes.c_double,
+         _P, _P, _P, _SIZE, _P, _P],
+    ),
+    "da_load_group_sizes": (
+        _STATUS,
+        [ctypes.c_char_p, _SIZE, ctypes.c_char_p, ctypes.c_char_p, _P, _SIZE, ctypes.POINTER(_SIZE),
+         ctypes.POINTER(_Config)],
+    ),
+    "da_load_group_sizes_file": (
+        _STATUS,
+        [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _P, _SIZE, ctypes.POINTER(_SIZE), ctypes.POINTER(_Config)],
     ),
 }
 
@@ -221,6 +290,9 @@ class Config:
     causal: bool = False
     #: None for the default 1/sqrt(head_dim).
     scale: Optional[float] = None
+    #: How plans group columns: "lsh" (the paper's), "similarity" or
+    #: "key_weighted" (the similarity modes need powers of two as group sizes).
+    grouping: str = "lsh"
 
     def _c(self):
         """The C struct and the objects it points into (kept alive by the caller)."""
@@ -233,6 +305,9 @@ class Config:
         if self.fusion not in FUSION:
             raise ValueError(f"fusion must be one of {sorted(FUSION)}, got {self.fusion!r}")
         c.fusion = FUSION[self.fusion]
+        if self.grouping not in GROUPING:
+            raise ValueError(f"grouping must be one of {sorted(GROUPING)}, got {self.grouping!r}")
+        c.grouping = GROUPING[self.grouping]
         c.causal = 1 if self.causal else 0
         c.scale = 0.0 if self.scale is None else float(self.scale)
         keep = None
@@ -301,13 +376,54 @@ def _dtype_code(np, dtype) -> int:
     raise TypeError(f"unsupported dtype {dtype}: use float32, float16 or bfloat16")
 
 
-def _describe(x, name: str, writable: bool = False) -> _Tensor:
-    """The C descriptor of a ``[batch, seq, heads, head_dim]`` array.
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "data_ptr")
 
-    The array must stay alive until the call returns. This is the place for
-    other tensor types: a torch tensor on a GPU would be described from
-    ``data_ptr()`` and ``stride()`` and routed to the CUDA entry points.
+
+def _host_only(x, name: str) -> None:
+    """Refuses tensors that are not in host memory.
+
+    The entry points of this library version take host pointers. GPU entry
+    points (device pointers and the current stream) will be chosen here by the
+    tensors' device; until then a CUDA tensor is an error, not a silent copy.
     """
+    device = getattr(x, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        raise NotImplementedError(
+            f"{name}: a tensor on {device} needs the library's CUDA entry points, which this version does not "
+            "have; move it to the CPU"
+        )
+
+
+def _describe_torch(x, name: str) -> _Tensor:
+    """The C descriptor of a ``[batch, seq, heads, head_dim]`` torch tensor in host memory."""
+    import torch
+
+    _host_only(x, name)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
+    codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
+    if x.dtype not in codes:
+        raise TypeError(f"{name}: unsupported dtype {x.dtype}: use float32, float16 or bfloat16")
+    strides = [0 if size == 1 and axis < 3 else stride for axis, (stride, size) in enumerate(zip(x.stride(), x.shape))]
+    if x.shape[3] > 1 and strides[3] != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride {strides[3]})")
+    t = _Tensor()
+    t.data = x.data_ptr()
+    t.dtype = codes[x.dtype]
+    t.batch, t.seq, t.heads, t.head_dim = (int(d) for d in x.shape)
+    t.stride_batch, t.stride_seq, t.stride_head = strides[:3]
+    return t
+
+
+def _describe(x, name: str, writable: bool = False) -> _Tensor:
+    """The C descriptor of a ``[batch, seq, heads, head_dim]`` array (numpy)
+    or tensor (torch, in host memory).
+
+    The array must stay alive until the call returns.
+    """
+    if _is_torch(x):
+        return _describe_torch(x, name)
     np = _np()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
@@ -381,16 +497,23 @@ def projections(config: Optional[Config] = None):
     return r.reshape(c.block_rows, c.num_projections)
 
 
-def plan(q, config: Optional[Config] = None, context: Optional[Context] = None):
+def plan(q, config: Optional[Config] = None, context: Optional[Context] = None, k=None):
     """The plan of ``q``: uint16 ``[batch, heads, blocks, head_dim]``, one
-    permutation of the head-dimension columns per query block."""
+    permutation of the head-dimension columns per query block. With ``k``, the
+    plan for attention over those keys (``da_plan_with_keys``): needed for
+    ``grouping="key_weighted"``, the same plan in the other modes."""
     np = _np()
     config = config or Config()
     s = plan_shape(q, config)
     c, _keep = config._c()
     t = _describe(q, "q")
     p = np.empty((s["batch"], s["heads"], s["blocks"], s["head_dim"]), dtype=np.uint16)
-    _check(library().da_plan(_context(context), ctypes.byref(c), ctypes.byref(t), p.ctypes.data, p.size))
+    if k is None:
+        _check(library().da_plan(_context(context), ctypes.byref(c), ctypes.byref(t), p.ctypes.data, p.size))
+    else:
+        tk = _describe(k, "k")
+        _check(library().da_plan_with_keys(_context(context), ctypes.byref(c), ctypes.byref(t), ctypes.byref(tk),
+                                           p.ctypes.data, p.size))
     return p
 
 
@@ -450,3 +573,354 @@ def forward(q, k, v, config: Optional[Config] = None, out=None, return_lse: bool
                                 plan_ptr, plan_len))
     result = (out,) + ((lse,) if return_lse else ()) + ((p,) if return_plan else ())
     return result if len(result) > 1 else out
+
+
+# --- backward pass -------------------------------------------------------------
+
+
+def _backward_args(np, q, k, v, out, lse, d_out, dq, dk, dv):
+    tensors = [_describe(q, "q"), _describe(k, "k"), _describe(v, "v"), _describe(out, "out")]
+    lse = np.ascontiguousarray(lse, dtype=np.float32)
+    grads = [
+        _output(np, dq, q.shape, "dq"),
+        _output(np, dk, k.shape, "dk"),
+        _output(np, dv, v.shape, "dv"),
+    ]
+    descs = [_describe(d_out, "d_out")] + [_describe(g, n, writable=True) for g, n in zip(grads, ("dq", "dk", "dv"))]
+    return tensors, lse, descs, grads
+
+
+def attention_backward(q, k, v, out, lse, d_out, plan, config: Optional[Config] = None, dq=None, dk=None, dv=None,
+                       context: Optional[Context] = None):
+    """Gradients of DistrAttention on ``plan`` with respect to ``q``, ``k``, ``v``.
+
+    ``out``, ``lse`` and ``plan`` are the forward's (``forward(...,
+    return_lse=True, return_plan=True)``), ``d_out`` the gradient of the loss
+    with respect to ``out`` (float32, shaped like it); the config is the
+    forward's. Returns float32 ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``
+    (written into ``dq``, ``dk``, ``dv`` if given). The plan carries no gradient.
+    """
+    np = _np()
+    c, _keep = (config or Config())._c()
+    plan = np.ascontiguousarray(plan, dtype=np.uint16)
+    tensors, lse, descs, grads = _backward_args(np, q, k, v, out, lse, d_out, dq, dk, dv)
+    _check(library().da_attention_backward(_context(context), ctypes.byref(c), plan.ctypes.data, plan.size,
+                                           *_refs(tensors), lse.ctypes.data, lse.size, *_refs(descs)))
+    return tuple(grads)
+
+
+def exact_attention_backward(q, k, v, out, lse, d_out, config: Optional[Config] = None, dq=None, dk=None, dv=None,
+                             context: Optional[Context] = None):
+    """Gradients of exact attention (``out`` and ``lse`` from :func:`exact_attention`)."""
+    np = _np()
+    c, _keep = (config or Config())._c()
+    tensors, lse, descs, grads = _backward_args(np, q, k, v, out, lse, d_out, dq, dk, dv)
+    _check(library().da_exact_attention_backward(_context(context), ctypes.byref(c), *_refs(tensors),
+                                                 lse.ctypes.data, lse.size, *_refs(descs)))
+    return tuple(grads)
+
+
+# --- error estimates and the planner -----------------------------------------------
+
+
+def estimate_errors(q, k, v, plan=None, config: Optional[Config] = None, sample_rows: int = 16,
+                    context: Optional[Context] = None) -> dict:
+    """Per-(batch, query head) estimates of the error DistrAttention causes on
+    ``plan`` (None: the plan :func:`forward` would use): a dict of float64
+    ``[batch, q_heads]`` arrays ``relative_score_error``, ``rms_logit_error`` and
+    ``sampled_output_error`` (the relative output error on ``sample_rows``
+    evenly spaced rows, computed exactly; NaN for 0 rows). Heads with G = 1 get 0
+    (the sampled error up to f64 rounding)."""
+    np = _np()
+    c, _keep = (config or Config())._c()
+    tensors = [_describe(q, "q"), _describe(k, "k"), _describe(v, "v")]
+    shape = (q.shape[0], q.shape[2])
+    result = {name: np.empty(shape, dtype=np.float64)
+              for name in ("relative_score_error", "rms_logit_error", "sampled_output_error")}
+    plan_ptr, plan_len = None, 0
+    if plan is not None:
+        plan = np.ascontiguousarray(plan, dtype=np.uint16)
+        plan_ptr, plan_len = plan.ctypes.data, plan.size
+    outs = [a.ctypes.data for a in result.values()]
+    _check(library().da_estimate_errors(_context(context), ctypes.byref(c), plan_ptr, plan_len, *_refs(tensors),
+                                        sample_rows, *outs, shape[0] * shape[1]))
+    return result
+
+
+@dataclass
+class BudgetPlan:
+    """The planner's choice for one layer (``da_choose_group_sizes``)."""
+
+    #: G per query head (1 = exact), usable as ``Config.group_sizes``.
+    group_sizes: list
+    #: Worst measured relative output error per head at its G (0 for G = 1).
+    measured_error: list
+    #: Worst estimated error (``sampled_output_error``, 16 rows) per head.
+    estimated_error: list
+    #: Fraction of the attention FLOPs saved.
+    flop_saving: float
+    #: Whether the target was reached (a FLOP target can be out of reach).
+    target_met: bool
+
+
+def choose_group_sizes(samples, max_error: Optional[float] = None, flop_saving: Optional[float] = None,
+                       candidates: Sequence[int] = (2, 4, 8), config: Optional[Config] = None) -> BudgetPlan:
+    """The error-budget planner: chooses G per query head of one layer from
+    calibration ``samples`` (a sequence of ``(q, k, v)`` arrays of that layer),
+    for ``max_error`` (largest relative output error of an approximated head on
+    every sample) or ``flop_saving`` (fraction of attention FLOPs to save).
+    The config's grouping mode, block rows, fusion, mask and scale are used,
+    its group sizes ignored."""
+    if (max_error is None) == (flop_saving is None):
+        raise ValueError("give exactly one of max_error and flop_saving")
+    kind, target = (BUDGET_TARGET_MAX_ERROR, max_error) if max_error is not None else \
+        (BUDGET_TARGET_FLOP_SAVING, flop_saving)
+    samples = list(samples)
+    c, _keep = (config or Config())._c()
+    arrays = [(_Tensor * len(samples))(*[_describe(s[i], name) for s in samples])
+              for i, name in enumerate(("q", "k", "v"))]
+    cands = (ctypes.c_uint32 * len(candidates))(*candidates)
+    heads = samples[0][0].shape[2] if samples else 0
+    sizes = (ctypes.c_uint32 * max(heads, 1))()
+    measured, estimated = (ctypes.c_double * max(heads, 1))(), (ctypes.c_double * max(heads, 1))()
+    saving, met = ctypes.c_double(), ctypes.c_uint32()
+    _check(library().da_choose_group_sizes(
+        ctypes.byref(c), *[ctypes.addressof(a) for a in arrays], len(samples),
+        ctypes.addressof(cands) if len(candidates) else None, len(candidates), kind, float(target),
+        ctypes.addressof(sizes), ctypes.addressof(measured), ctypes.addressof(estimated), heads,
+        ctypes.addressof(saving), ctypes.addressof(met)))
+    return BudgetPlan(list(sizes[:heads]), list(measured[:heads]), list(estimated[:heads]), saving.value,
+                      bool(met.value))
+
+
+def _table_call(table, layer: str, file: Optional[str], sizes, capacity: int, count, config) -> None:
+    lib = library()
+    layer_b = layer.encode()
+    file_b = None if file is None else file.encode()
+    if isinstance(table, (bytes, bytearray)) or (isinstance(table, str) and table.lstrip().startswith("{")):
+        text = table.encode() if isinstance(table, str) else bytes(table)
+        _check(lib.da_load_group_sizes(text, len(text), file_b, layer_b, sizes, capacity, count, config))
+    else:
+        _check(lib.da_load_group_sizes_file(os.fsencode(table), file_b, layer_b, sizes, capacity, count, config))
+
+
+def load_group_sizes(table, layer: str, file: Optional[str] = None) -> list:
+    """The per-head group sizes of ``layer`` from a planner table (JSON text as
+    ``str``/``bytes``, or a path): what ``examples/plan_heads.rs --out`` wrote.
+    ``file`` names the calibration file (its path as in the table, or its last
+    components) when the layer name is in several."""
+    count = _SIZE()
+    _table_call(table, layer, file, None, 0, ctypes.byref(count), None)
+    sizes = (ctypes.c_uint32 * count.value)()
+    _table_call(table, layer, file, ctypes.addressof(sizes), count.value, ctypes.byref(count), None)
+    return list(sizes)
+
+
+def config_from_table(table, layer: str, file: Optional[str] = None, base: Optional[Config] = None) -> Config:
+    """``base`` (default: the defaults) with the table's ``block_rows`` and
+    ``grouping`` (the planner's) and the layer's per-head group sizes."""
+    base = base or Config()
+    sizes = load_group_sizes(table, layer, file)
+    c, _keep = base._c()
+    count = _SIZE()
+    buf = (ctypes.c_uint32 * len(sizes))()
+    _table_call(table, layer, file, ctypes.addressof(buf), len(buf), ctypes.byref(count), ctypes.byref(c))
+    return dataclasses.replace(base, block_rows=c.block_rows, grouping=_GROUPING_NAMES[c.grouping],
+                               group_sizes=list(buf))
+
+
+# --- PyTorch -------------------------------------------------------------------------
+#
+# torch is imported when one of these is used, never at import time. The
+# tensors are described by data pointer and strides (`_describe_torch`); CPU
+# tensors are computed on in float32 (copies where needed).
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("this part of distr_attention needs PyTorch: pip install torch") from e
+    return torch
+
+
+_FUNCTION = None
+
+
+def _function_class():
+    """The ``torch.autograd.Function``, defined on first use (it subclasses a torch class)."""
+    global _FUNCTION
+    if _FUNCTION is not None:
+        return _FUNCTION
+    torch = _torch()
+
+    class DistrAttentionFunction(torch.autograd.Function):
+        """DistrAttention as a differentiable op: ``apply(q, k, v, config)``
+        with ``[batch, seq, heads, head_dim]`` tensors (GQA: fewer KV heads),
+        returning the output in ``q``'s dtype. The forward computes the plan
+        (any grouping mode) and the log-sum-exp; the backward uses both (the
+        plan carries no gradient). CPU tensors; computed in float32."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, config=None):
+            config = config or Config()
+            for x, name in ((q, "q"), (k, "k"), (v, "v")):
+                _host_only(x, name)
+            q32, k32, v32 = (x.detach().to(torch.float32).contiguous() for x in (q, k, v))
+            b, n, hq, _ = q32.shape
+            out = torch.empty((b, n, hq, v32.shape[3]), dtype=torch.float32)
+            lse = torch.empty((b, hq, n), dtype=torch.float32)
+            c, keep = config._c()
+            tensors = [_describe(x, name) for x, name in ((q32, "q"), (k32, "k"), (v32, "v"), (out, "out"))]
+            shape = _PlanShape()
+            _check(library().da_get_plan_shape(ctypes.byref(c), ctypes.byref(tensors[0]), ctypes.byref(shape)))
+            plan = (ctypes.c_uint16 * max(shape.num_entries, 1))()
+            _check(library().da_forward(_context(None), ctypes.byref(c), *_refs(tensors), lse.data_ptr(), lse.numel(),
+                                        ctypes.addressof(plan), shape.num_entries))
+            del keep
+            ctx.save_for_backward(q32, k32, v32, out, lse)
+            ctx.plan = plan
+            ctx.num_entries = shape.num_entries
+            ctx.config = config
+            ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+            return out.to(q.dtype)
+
+        @staticmethod
+        def backward(ctx, d_out):
+            q32, k32, v32, out, lse = ctx.saved_tensors
+            _host_only(d_out, "d_out")
+            g = d_out.detach().to(torch.float32).contiguous()
+            dq, dk, dv = (torch.empty_like(x) for x in (q32, k32, v32))
+            c, keep = ctx.config._c()
+            tensors = [_describe(x, n) for x, n in ((q32, "q"), (k32, "k"), (v32, "v"), (out, "out"))]
+            descs = [_describe(x, n) for x, n in ((g, "d_out"), (dq, "dq"), (dk, "dk"), (dv, "dv"))]
+            _check(library().da_attention_backward(_context(None), ctypes.byref(c), ctypes.addressof(ctx.plan),
+                                                   ctx.num_entries, *_refs(tensors), lse.data_ptr(), lse.numel(),
+                                                   *_refs(descs)))
+            del keep
+            tq, tk, tv = ctx.dtypes
+            return dq.to(tq), dk.to(tk), dv.to(tv), None
+
+    _FUNCTION = DistrAttentionFunction
+    return _FUNCTION
+
+
+def __getattr__(name):
+    # `distr_attention.DistrAttentionFunction` exists once torch can be imported.
+    if name == "DistrAttentionFunction":
+        return _function_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def distr_attention(q, k, v, config: Optional[Config] = None):
+    """Differentiable DistrAttention on torch tensors ``[batch, seq, heads,
+    head_dim]`` (CPU): :class:`DistrAttentionFunction` applied."""
+    return _function_class().apply(q, k, v, config)
+
+
+#: The config :func:`hf_attention` uses for modules without their own
+#: ``distr_attention_config``: a Config, or a callable ``module -> Config``
+#: (e.g. per layer from a planner table, by ``module.layer_idx``).
+_HF_CONFIG: Union[Config, Callable, None] = None
+
+
+def _hf_config(module) -> Config:
+    cfg = getattr(module, "distr_attention_config", None)
+    if cfg is None:
+        cfg = _HF_CONFIG
+    if cfg is not None and not isinstance(cfg, Config):
+        cfg = cfg(module)
+    return cfg or Config()
+
+
+def _hf_causal(torch, module, attention_mask, n: int, m: int, kwargs) -> bool:
+    """Whether the call is causal, from ``is_causal`` and the mask. The library
+    computes no mask or the bottom-right aligned causal mask; any other mask
+    (padding, sliding windows, additive biases) is refused, not ignored."""
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if attention_mask is None:
+        return bool(is_causal)
+    mask = attention_mask
+    if mask.dim() == 2:  # [batch, keys]: a padding mask
+        allowed = mask.bool() if mask.dtype != torch.bool else mask
+        if bool(allowed.all()):
+            return bool(is_causal)
+        raise ValueError("distr_attention: padding masks are not supported (no padded keys, please)")
+    mask = mask[..., :m]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        masked = mask <= torch.finfo(mask.dtype).min / 2
+        allowed = mask == 0
+        if not bool((allowed | masked).all()):
+            raise ValueError("distr_attention: additive attention biases are not supported")
+    rows = torch.arange(n, device=mask.device)[:, None]
+    cols = torch.arange(m, device=mask.device)[None, :]
+    causal = (cols <= rows + (m - n)).expand(allowed.shape)
+    if bool(allowed.all()):
+        return False
+    if bool((allowed == causal).all()):
+        return True
+    raise ValueError(
+        "distr_attention: the attention mask is neither empty nor the causal mask (padding or a custom pattern); "
+        "only those two are supported"
+    )
+
+
+def hf_attention(module, query, key, value, attention_mask, scaling: Optional[float] = None, dropout: float = 0.0,
+                 **kwargs):
+    """An attention function for Hugging Face ``transformers``
+    (``AttentionInterface``): ``query`` ``[batch, heads, seq, head_dim]``,
+    ``key``/``value`` with the model's KV heads (GQA, not repeated). Returns
+    ``(output [batch, seq, heads, head_dim], None)``. Honours the causal mask
+    (``is_causal`` or a causal ``attention_mask``) and ``scaling``; refuses
+    padding masks, dropout in training, sliding windows and soft-capping. The
+    config comes from ``module.distr_attention_config`` or
+    :func:`register_transformers`."""
+    torch = _torch()
+    if dropout and getattr(module, "training", False):
+        raise NotImplementedError("distr_attention: attention dropout is not supported")
+    for name in ("sliding_window", "softcap"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"distr_attention: {name} is not supported")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    causal = _hf_causal(torch, module, attention_mask, q.shape[1], k.shape[1], kwargs)
+    config = _hf_config(module)
+    config = dataclasses.replace(config, causal=causal, scale=config.scale if scaling is None else float(scaling))
+    return distr_attention(q, k, v, config), None
+
+
+def register_transformers(config: Union[Config, Callable, None] = None, name: str = "distr_attention") -> str:
+    """Registers :func:`hf_attention` with ``transformers.AttentionInterface``
+    under ``name`` (then ``attn_implementation=name`` selects it), with
+    ``config`` (a Config, or a callable ``module -> Config``) as the default
+    config. Imports transformers. Returns ``name``."""
+    global _HF_CONFIG
+    import transformers
+
+    if config is not None:
+        _HF_CONFIG = config
+    transformers.AttentionInterface.register(name, hf_attention)
+    # Newer transformers build the attention mask per implementation and build
+    # none for a name without a mask function: padding would go unseen. SDPA's
+    # mask format (None or a boolean mask) is what hf_attention checks.
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # pragma: no cover - older transformers pass the model's mask as it is
+        pass
+    else:
+        AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+# Registered at import when transformers is already loaded (importing it here
+# would make this module slow to import and torch a requirement).
+if "transformers" in sys.modules:  # pragma: no cover - depends on the environment
+    try:
+        register_transformers()
+    except Exception as e:
+        import warnings
+
+        warnings.warn(f"distr_attention: could not register with transformers: {e}")

@@ -2,13 +2,16 @@
 
     DA_LIBRARY=target/release/libdistr_attention.so python3 python/test_distr_attention.py -v
 
-The tests that need numpy are skipped without it.
+The tests that need numpy are skipped without it, those that need PyTorch (and
+transformers) without those.
 """
 
 import ctypes
+import dataclasses
 import math
 import os
 import sys
+import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +24,20 @@ except ImportError:  # pragma: no cover - depends on the environment
     np = None
 
 needs_numpy = unittest.skipIf(np is None, "numpy is not installed")
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+needs_torch = unittest.skipIf(torch is None or np is None, "torch is not installed")
+
+try:
+    import transformers
+except ImportError:  # pragma: no cover - depends on the environment
+    transformers = None
+
+needs_transformers = unittest.skipIf(transformers is None or torch is None, "transformers is not installed")
 
 
 class WithoutNumpy(unittest.TestCase):
@@ -37,7 +54,7 @@ class WithoutNumpy(unittest.TestCase):
         self.assertEqual(da.library().da_config_default(ctypes.byref(c), ctypes.sizeof(c)), da.Status.OK)
         self.assertEqual(c.struct_size, ctypes.sizeof(da._Config))
         self.assertEqual((c.block_rows, c.group_size, c.num_projections, c.seed), (64, 2, 16, 0))
-        self.assertEqual((c.fusion, c.causal, c.scale, c.reserved), (0, 0, 0.0, 0))
+        self.assertEqual((c.fusion, c.causal, c.scale, c.grouping), (0, 0, 0.0, 0))
         self.assertFalse(c.group_sizes)
         # A config one byte too small is refused with a message.
         status = da.library().da_config_default(ctypes.byref(c), ctypes.sizeof(c) - 1)
@@ -63,6 +80,35 @@ class WithoutNumpy(unittest.TestCase):
             da.plan_shape((1, 0, 2, 16))
         self.assertEqual(e.exception.status, da.Status.INVALID_SHAPE)
         self.assertIn("q: dimension seq is zero", str(e.exception))
+
+    def test_new_statuses_and_grouping_values(self):
+        self.assertEqual(da.library().da_status_string(da.Status.NOT_FOUND), b"not found in the group-size table")
+        with self.assertRaises(ValueError):
+            da.Config(grouping="random")._c()
+        c, _ = da.Config(grouping="key-weighted")._c()
+        self.assertEqual(c.grouping, 2)
+
+    def test_tables_without_numpy(self):
+        table = ('{"grouping": "KeyWeighted", "block_rows": 16, "files": [{"file": "d/a.safetensors", '
+                 '"layers": [{"layer": "layer0", "group_sizes": [1, 4]}]}]}')
+        self.assertEqual(da.load_group_sizes(table, "layer0"), [1, 4])
+        cfg = da.config_from_table(table, "layer0", "a.safetensors", da.Config(seed=3))
+        self.assertEqual((cfg.group_sizes, cfg.block_rows, cfg.grouping, cfg.seed), ([1, 4], 16, "key_weighted", 3))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "table.json")
+            with open(path, "w") as f:
+                f.write(table)
+            self.assertEqual(da.load_group_sizes(path, "layer0", "d/a.safetensors"), [1, 4])
+            with self.assertRaises(da.DistrAttentionError) as e:
+                da.load_group_sizes(os.path.join(d, "missing.json"), "layer0")
+            self.assertEqual(e.exception.status, da.Status.IO_ERROR)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.load_group_sizes(table, "layer1")
+        self.assertEqual(e.exception.status, da.Status.NOT_FOUND)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.load_group_sizes(table.replace("[1, 4]", "[1, 0]"), "layer0")
+        self.assertEqual(e.exception.status, da.Status.BAD_TABLE)
+        self.assertIn("group_sizes[1] is 0", e.exception.message)
 
     def test_context_lifecycle(self):
         with da.Context() as ctx:
@@ -168,6 +214,278 @@ class WithNumpy(unittest.TestCase):
         with self.assertRaises(da.DistrAttentionError) as e:
             da.forward(self.q, self.k.astype(np.float16), self.v)
         self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+
+
+def reference_backward(q, k, v, d_out, causal=False):
+    """Gradients of exact attention in float64 (the textbook formulas), GQA
+    summed over the query heads of a KV head."""
+    b, n, hq, d = q.shape
+    m, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for h in range(hq):
+        kh = h // (hq // hk)
+        qh, kk, vv = (x.astype(np.float64) for x in (q[:, :, h], k[:, :, kh], v[:, :, kh]))
+        s = np.einsum("bnd,bmd->bnm", qh, kk) * scale
+        if causal:
+            mask = np.arange(m)[None, :] > np.arange(n)[:, None] + (m - n)
+            s = np.where(mask[None], -np.inf, s)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        g = d_out[:, :, h].astype(np.float64)
+        dv[:, :, kh] += np.einsum("bnm,bnd->bmd", p, g)
+        dp = np.einsum("bnd,bmd->bnm", g, vv)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
+        dq[:, :, h] = np.einsum("bnm,bmd->bnd", ds, kk)
+        dk[:, :, kh] += np.einsum("bnm,bnd->bmd", ds, qh)
+    return dq, dk, dv
+
+
+@needs_numpy
+class GroupingEstimatesPlanner(unittest.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(7)
+        self.q = rng.standard_normal((2, 33, 4, 16)).astype(np.float32)
+        self.k = rng.standard_normal((2, 40, 2, 16)).astype(np.float32)
+        self.v = rng.standard_normal((2, 40, 2, 8)).astype(np.float32)
+
+    def test_every_grouping_mode_plans_and_attends(self):
+        plans = {}
+        for grouping in ("lsh", "similarity", "key_weighted"):
+            cfg = da.Config(grouping=grouping, block_rows=16, group_sizes=[1, 2, 4, 8], causal=True)
+            out, p = da.forward(self.q, self.k, self.v, cfg, return_plan=True)
+            np.testing.assert_array_equal(da.plan(self.q, cfg, k=self.k), p)
+            np.testing.assert_array_equal(da.attention(self.q, self.k, self.v, p, cfg), out)
+            plans[grouping] = p
+        self.assertFalse((plans["lsh"] == plans["similarity"]).all())
+        np.testing.assert_array_equal(da.plan(self.q, da.Config(grouping="similarity", block_rows=16,
+                                                                group_sizes=[1, 2, 4, 8])), plans["similarity"])
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.plan(self.q, da.Config(grouping="key_weighted"))
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.forward(self.q[..., :12], self.k[..., :12], self.v, da.Config(grouping="similarity", group_size=6))
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+
+    def test_estimates(self):
+        cfg = da.Config(group_sizes=[1, 2, 4, 8], block_rows=16)
+        e = da.estimate_errors(self.q, self.k, self.v, config=cfg)
+        self.assertEqual(set(e), {"relative_score_error", "rms_logit_error", "sampled_output_error"})
+        for a in e.values():
+            self.assertEqual(a.shape, (2, 4))
+            self.assertTrue((a[:, 0] < 1e-12).all())  # G = 1: 0 (sampled: up to f64 rounding)
+            self.assertTrue((a[:, 1:] > 1e-3).all())
+        p = da.plan(self.q, cfg)
+        e2 = da.estimate_errors(self.q, self.k, self.v, p, cfg)
+        np.testing.assert_array_equal(e["relative_score_error"], e2["relative_score_error"])
+        none = da.estimate_errors(self.q, self.k, self.v, p, cfg, sample_rows=0)
+        self.assertTrue(np.isnan(none["sampled_output_error"]).all())
+        # All rows sampled: the sampled error is the measured one (f64 vs the fast path's f32).
+        full = da.estimate_errors(self.q, self.k, self.v, p, cfg, sample_rows=1000)["sampled_output_error"]
+        out = da.attention(self.q, self.k, self.v, p, cfg)
+        exact = da.exact_attention(self.q, self.k, self.v, cfg)
+        for b in range(2):
+            for h in range(4):
+                diff = np.linalg.norm(out[b, :, h] - exact[b, :, h]) / np.linalg.norm(exact[b, :, h])
+                self.assertAlmostEqual(full[b, h], diff, delta=1e-4)
+
+    def test_planner(self):
+        cfg = da.Config(grouping="similarity", block_rows=16)
+        samples = [(self.q, self.k, self.v), (self.q[:1, :20], self.k[:1], self.v[:1])]
+        loose = da.choose_group_sizes(samples, max_error=100.0, config=cfg)
+        self.assertEqual(loose.group_sizes, [8, 8, 8, 8])
+        self.assertTrue(loose.target_met)
+        tight = da.choose_group_sizes(samples, max_error=0.0, config=cfg)
+        self.assertEqual((tight.group_sizes, tight.flop_saving), ([1, 1, 1, 1], 0.0))
+        mid = da.choose_group_sizes(samples, max_error=0.5, candidates=[2, 4], config=cfg)
+        self.assertTrue(all(m <= 0.5 for m in mid.measured_error))
+        self.assertTrue(all(g in (1, 2, 4) for g in mid.group_sizes))
+        flops = da.choose_group_sizes(samples, flop_saving=0.2, config=cfg)
+        self.assertTrue(flops.target_met and flops.flop_saving >= 0.2)
+        # The chosen sizes run as per-head sizes.
+        out = da.forward(self.q, self.k, self.v, dataclasses.replace(cfg, group_sizes=mid.group_sizes))
+        self.assertEqual(out.shape, (2, 33, 4, 8))
+        with self.assertRaises(ValueError):
+            da.choose_group_sizes(samples, config=cfg)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.choose_group_sizes(samples, flop_saving=1.5, config=cfg)
+        self.assertEqual(e.exception.status, da.Status.INVALID_ARGUMENT)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.choose_group_sizes([], max_error=0.1)
+        self.assertEqual(e.exception.status, da.Status.INVALID_ARGUMENT)
+
+
+@needs_numpy
+class Backward(unittest.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(11)
+        # GQA with tails: 21 queries, 26 keys, 4 query heads on 2 KV heads.
+        self.q = rng.standard_normal((1, 21, 4, 8)).astype(np.float32)
+        self.k = rng.standard_normal((1, 26, 2, 8)).astype(np.float32)
+        self.v = rng.standard_normal((1, 26, 2, 6)).astype(np.float32)
+        self.d_out = rng.standard_normal((1, 21, 4, 6)).astype(np.float32)
+
+    def test_exact_backward_matches_the_textbook_gradients(self):
+        for causal in (False, True):
+            cfg = da.Config(causal=causal)
+            out, lse = da.exact_attention(self.q, self.k, self.v, cfg, return_lse=True)
+            grads = da.exact_attention_backward(self.q, self.k, self.v, out, lse, self.d_out, cfg)
+            want = reference_backward(self.q, self.k, self.v, self.d_out, causal)
+            for got, w in zip(grads, want):
+                np.testing.assert_allclose(got, w, atol=2e-4, rtol=1e-3)
+
+    def test_backward_matches_finite_differences(self):
+        # The output on a fixed plan is smooth in q, k, v: the directional
+        # derivatives of sum(out * d_out) are the backward's gradients.
+        for grouping, fusion in (("lsh", "mean"), ("similarity", "sample"), ("key_weighted", "mean")):
+            cfg = da.Config(grouping=grouping, fusion=fusion, causal=True, block_rows=8, group_sizes=[1, 2, 4, 2])
+            out, lse, p = da.forward(self.q, self.k, self.v, cfg, return_lse=True, return_plan=True)
+            grads = da.attention_backward(self.q, self.k, self.v, out, lse, self.d_out, p, cfg)
+            inputs = [self.q, self.k, self.v]
+            rng = np.random.default_rng(3)
+
+            def loss(xs):
+                o = da.attention(xs[0], xs[1], xs[2], p, cfg)
+                return float((o.astype(np.float64) * self.d_out).sum())
+
+            eps = 1e-2
+            for i, g in enumerate(grads):
+                self.assertEqual(g.shape, inputs[i].shape)
+                direction = rng.standard_normal(inputs[i].shape).astype(np.float32)
+                plus = [x.copy() for x in inputs]
+                minus = [x.copy() for x in inputs]
+                plus[i] += eps * direction
+                minus[i] -= eps * direction
+                numeric = (loss(plus) - loss(minus)) / (2 * eps)
+                analytic = float((g.astype(np.float64) * direction).sum())
+                self.assertAlmostEqual(numeric, analytic, delta=3e-3 * (1 + abs(analytic)),
+                                       msg=f"{grouping}: gradient {i}")
+            # One element of dq by itself (a column of a fused group).
+            h, r, j = 2, 17, 5
+            plus, minus = self.q.copy(), self.q.copy()
+            plus[0, r, h, j] += eps
+            minus[0, r, h, j] -= eps
+            numeric = (loss([plus, self.k, self.v]) - loss([minus, self.k, self.v])) / (2 * eps)
+            self.assertAlmostEqual(numeric, float(grads[0][0, r, h, j]), delta=3e-3)
+
+    def test_backward_errors(self):
+        cfg = da.Config(block_rows=8)
+        out, lse, p = da.forward(self.q, self.k, self.v, cfg, return_lse=True, return_plan=True)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(self.q, self.k, self.v, out, lse[:, :, :5], self.d_out, p, cfg)
+        self.assertEqual(e.exception.status, da.Status.BUFFER_TOO_SMALL)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(self.q, self.k, self.v, out, lse, self.d_out.astype(np.float16), p, cfg)
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        bad = p.copy()
+        bad[0, 0, 0, 0] = bad[0, 0, 0, 1]
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(self.q, self.k, self.v, out, lse, self.d_out, bad, cfg)
+        self.assertEqual(e.exception.status, da.Status.BAD_PLAN)
+        # A gradient written over an input is refused.
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.exact_attention_backward(self.q, self.k, self.v, out, lse, self.d_out, cfg, dq=self.q)
+        self.assertEqual(e.exception.status, da.Status.OVERLAPPING_BUFFERS)
+
+
+@needs_torch
+class Torch(unittest.TestCase):
+    """The autograd function against autograd of a plain torch implementation."""
+
+    def setUp(self):
+        g = torch.Generator().manual_seed(0)
+        self.q = torch.randn(2, 19, 4, 16, generator=g, dtype=torch.float64)
+        self.k = torch.randn(2, 23, 2, 16, generator=g, dtype=torch.float64)
+        self.v = torch.randn(2, 23, 2, 8, generator=g, dtype=torch.float64)
+
+    @staticmethod
+    def plain(q, k, v, causal):
+        hq, hk = q.shape[2], k.shape[2]
+        k = k.repeat_interleave(hq // hk, dim=2)
+        v = v.repeat_interleave(hq // hk, dim=2)
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[3])
+        if causal:
+            n, m = q.shape[1], k.shape[1]
+            mask = torch.arange(m)[None, :] > torch.arange(n)[:, None] + (m - n)
+            s = s.masked_fill(mask, float("-inf"))
+        return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+
+    def test_exact_gradients_match_autograd(self):
+        for causal in (False, True):
+            xs = [x.float().requires_grad_() for x in (self.q, self.k, self.v)]
+            ys = [x.clone().requires_grad_() for x in (self.q, self.k, self.v)]
+            out = da.distr_attention(*xs, da.Config(group_size=1, causal=causal))
+            want = self.plain(*ys, causal)
+            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+            w = torch.randn(out.shape, dtype=torch.float64)
+            (out.double() * w).sum().backward()
+            (want * w).sum().backward()
+            for a, b in zip(xs, ys):
+                torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-4, rtol=1e-3)
+
+    def test_finite_differences_with_grouping(self):
+        # G = 2: the forward plans from Q (LSH), so moving Q could change the
+        # plan; moving K or V leaves it fixed, and the output is smooth in them.
+        cfg = da.Config(group_size=2, causal=True, block_rows=8)
+        q = self.q.float()
+        k, v = (x.float().requires_grad_() for x in (self.k, self.v))
+        out = da.distr_attention(q, k, v, cfg)
+        w = torch.randn(out.shape)
+        (out * w).sum().backward()
+        eps = 1e-2
+        for x, g in ((k, k.grad), (v, v.grad)):
+            d = torch.randn(x.shape)
+            with torch.no_grad():
+                args = {"k": k, "v": v}
+                name = "k" if x is k else "v"
+                plus = dict(args, **{name: x + eps * d})
+                minus = dict(args, **{name: x - eps * d})
+                fp = (da.distr_attention(q, plus["k"], plus["v"], cfg) * w).sum()
+                fm = (da.distr_attention(q, minus["k"], minus["v"], cfg) * w).sum()
+            numeric = float((fp - fm) / (2 * eps))
+            self.assertAlmostEqual(numeric, float((g * d).sum()), delta=3e-3 * (1 + abs(numeric)))
+
+    def test_bf16_inputs_and_cuda_refusal(self):
+        xs = [x.bfloat16().requires_grad_() for x in (self.q, self.k, self.v)]
+        out = da.distr_attention(*xs, da.Config(group_size=2))
+        self.assertEqual(out.dtype, torch.bfloat16)
+        out.float().sum().backward()
+        self.assertEqual(xs[0].grad.dtype, torch.bfloat16)
+        if torch.cuda.is_available():
+            with self.assertRaises(NotImplementedError):
+                da.distr_attention(*(x.detach().cuda() for x in xs))
+
+
+@needs_transformers
+class Transformers(unittest.TestCase):
+    def model(self, implementation):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg._attn_implementation = implementation
+        return LlamaForCausalLM(cfg).eval()
+
+    def test_exact_config_reproduces_sdpa_and_trains(self):
+        name = da.register_transformers(da.Config(group_size=1))
+        ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+        ref = self.model("sdpa")
+        ours = self.model(name)
+        ours.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        # G = 2 changes the logits, and the loss backpropagates through the C ABI.
+        da.register_transformers(da.Config(group_size=2))
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        grad = ours.model.layers[0].self_attn.q_proj.weight.grad
+        self.assertTrue(grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0)
+        # A padding mask is refused, not ignored.
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[0, :3] = 0
+        with self.assertRaises(ValueError):
+            ours(ids, attention_mask=mask)
 
 
 if __name__ == "__main__":

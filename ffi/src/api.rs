@@ -10,9 +10,9 @@ use core::slice;
 
 use distr_attention_core::half::{bf16, f16};
 use distr_attention_core::{
-    attention_into, attention_scratch_len, exact_attention_into, plan_into, plan_scratch_len,
-    projections_into, projections_len, Config, DType, Element, Error, Operand, PlanRef, PlanShape, Problem,
-    Tensor, TensorMut,
+    attention_into, attention_scratch_len, exact_attention_into, plan_into, plan_scratch_len, plan_with_keys,
+    projections_into, projections_len, Config, DType, Element, Error, GroupingMode, Operand, PlanRef,
+    PlanShape, Problem, Tensor, TensorMut,
 };
 
 use crate::context::{context, da_context, grow, Planner};
@@ -20,14 +20,14 @@ use crate::error::{boundary, Failure, FfiResult};
 use crate::status::da_status;
 use crate::types::{
     check_disjoint, da_config, da_plan_shape, da_tensor, read_config, read_layout, ByteRange, HostTensor,
-    MAX_CONFIG_SIZE,
+    Settings, MAX_CONFIG_SIZE,
 };
 
 /// Writes the default config into `*config`: block_rows 64, group_size 2, no
 /// per-head sizes, 16 projections, seed 0, mean fusion, no mask, default scale
-/// (0, meaning 1/sqrt(head_dim)). Pass `sizeof(da_config)` as `struct_size`;
-/// it is stored in the struct. Bytes past the fields this library knows are
-/// zeroed.
+/// (0, meaning 1/sqrt(head_dim)), LSH grouping. Pass `sizeof(da_config)` as
+/// `struct_size`; it is stored in the struct. Bytes past the fields this
+/// library knows are zeroed.
 ///
 /// # Safety
 /// `config` must be NULL (`DA_STATUS_NULL_POINTER`) or point to `struct_size`
@@ -140,21 +140,51 @@ pub unsafe extern "C" fn da_projections(
 }
 
 /// Checks a caller output buffer of `given` elements against the `needed` ones.
-fn output_buffer<T>(ptr: *const T, given: usize, needed: usize, operand: Operand) -> FfiResult<ByteRange> {
+pub(crate) fn output_buffer<T>(
+    ptr: *const T,
+    given: usize,
+    needed: usize,
+    operand: Operand,
+) -> FfiResult<ByteRange> {
     if ptr.is_null() {
         return Err(Failure::new(da_status::NullPointer, format!("{}: pointer is NULL", operand.name())));
     }
     if given < needed {
         return Err(Error::BufferTooSmall { operand, needed, got: given }.into());
     }
-    ByteRange::of_buffer(ptr, needed, operand)
+    ByteRange::of_buffer(ptr, needed, operand.name())
+}
+
+/// [`output_buffer`] for a buffer the core has no operand for: same checks and messages.
+pub(crate) fn named_buffer<T>(
+    ptr: *const T,
+    given: usize,
+    needed: usize,
+    name: &'static str,
+) -> FfiResult<ByteRange> {
+    if ptr.is_null() {
+        return Err(Failure::new(da_status::NullPointer, format!("{name}: pointer is NULL")));
+    }
+    if given < needed {
+        return Err(Failure::new(
+            da_status::BufferTooSmall,
+            format!("{name}: buffer holds {given} elements, {needed} needed"),
+        ));
+    }
+    ByteRange::of_buffer(ptr, needed, name)
 }
 
 /// Computes the plan of `q` into `plan`: for every (batch, query head, query
 /// block) a permutation of the head-dimension columns, as `uint16_t` entries
 /// laid out densely `[batch][heads][blocks][head_dim]` (see `da_get_plan_shape`
-/// for the count). Only `block_rows`, `num_projections` and `seed` of the config
-/// influence the plan; the group sizes are neither read nor checked.
+/// for the count).
+///
+/// With `DA_GROUPING_LSH` (the default) only `block_rows`, `num_projections`
+/// and `seed` of the config influence the plan, and the group sizes are neither
+/// read nor checked. With `DA_GROUPING_SIMILARITY` the groups depend on the
+/// group sizes too: they are read and checked (powers of two dividing the head
+/// dimension). `DA_GROUPING_KEY_WEIGHTED` needs the keys and is refused here
+/// (`DA_STATUS_UNSUPPORTED`): use `da_plan_with_keys`.
 ///
 /// `plan` holds `plan_len` entries, at least `num_entries`; only the first
 /// `num_entries` are written. It must not overlap Q.
@@ -162,7 +192,8 @@ fn output_buffer<T>(ptr: *const T, given: usize, needed: usize, operand: Operand
 /// # Safety
 /// `ctx` must be NULL or a live context not used concurrently; `config` and `q`
 /// NULL or readable; `q->data` must cover the extent its shape and strides
-/// describe; `plan` NULL or `plan_len` writable entries.
+/// describe; `plan` NULL or `plan_len` writable entries; a non-NULL
+/// `config->group_sizes` is read in the similarity modes.
 #[no_mangle]
 pub unsafe extern "C" fn da_plan(
     ctx: *mut da_context,
@@ -171,19 +202,92 @@ pub unsafe extern "C" fn da_plan(
     plan: *mut u16,
     plan_len: usize,
 ) -> da_status {
-    boundary(|| {
-        // SAFETY (all three): forwarded contracts.
-        let ctx = unsafe { context(ctx)? };
-        let cfg = unsafe { read_config(config)? }.plan_config();
-        let q = unsafe { HostTensor::read(q, Operand::Q)? };
-        let shape = PlanShape::new(&cfg, &q.layout)?;
-        let n = shape.num_entries()?;
-        let plan_range = output_buffer(plan, plan_len, n, Operand::Plan)?;
-        check_disjoint(&[plan_range], &[q.range])?;
-        // SAFETY: checked pointer, alignment and extent of `n` entries; disjoint from Q.
-        let out = unsafe { slice::from_raw_parts_mut(plan, n) };
-        compute_plan(&mut ctx.planner, &cfg, &q, out)
+    // SAFETY: forwarded contract.
+    boundary(|| unsafe { plan_call(ctx, config, q, None, plan, plan_len) })
+}
+
+/// Computes the plan of `q` for attention over the keys `k`, into `plan`, under
+/// any grouping mode: the only way to a `DA_GROUPING_KEY_WEIGHTED` plan other
+/// than `da_forward`. In the other modes the result equals `da_plan`'s, and K is
+/// validated all the same (shape against Q, finite values).
+///
+/// `k` is `[batch, kv_len, kv_heads, head_dim]` of Q's dtype, with `q_heads` a
+/// multiple of `kv_heads`. `plan` as for `da_plan`; it must overlap neither Q
+/// nor K.
+///
+/// # Safety
+/// As for `da_plan`; `k` NULL or a readable descriptor whose data covers its extent.
+#[no_mangle]
+pub unsafe extern "C" fn da_plan_with_keys(
+    ctx: *mut da_context,
+    config: *const da_config,
+    q: *const da_tensor,
+    k: *const da_tensor,
+    plan: *mut u16,
+    plan_len: usize,
+) -> da_status {
+    // SAFETY: forwarded contract.
+    boundary(|| unsafe {
+        if k.is_null() {
+            return Err(Failure::new(da_status::NullPointer, "k: tensor descriptor is NULL"));
+        }
+        plan_call(ctx, config, q, Some(k), plan, plan_len)
     })
+}
+
+/// The body of `da_plan` (`k` = None) and `da_plan_with_keys`.
+///
+/// # Safety
+/// The contract of `da_plan_with_keys`.
+unsafe fn plan_call(
+    ctx: *mut da_context,
+    config: *const da_config,
+    q: *const da_tensor,
+    k: Option<*const da_tensor>,
+    plan: *mut u16,
+    plan_len: usize,
+) -> FfiResult {
+    // SAFETY (the reads): forwarded contracts.
+    let ctx = unsafe { context(ctx)? };
+    let settings = unsafe { read_config(config)? };
+    let q = unsafe { HostTensor::read(q, Operand::Q)? };
+    let k = match k {
+        Some(k) => {
+            let k = unsafe { HostTensor::read(k, Operand::K)? };
+            k.expect_dtype(q.dtype, "must equal q's dtype")?;
+            Problem::new(&q.layout, &k.layout, &k.layout)?;
+            Some(k)
+        }
+        None => None,
+    };
+    let da_context { group_sizes, planner, .. } = ctx;
+    // SAFETY: forwarded contract (the per-head group sizes, read in the similarity modes only).
+    let cfg = unsafe { plan_settings(&settings, q.layout.heads, group_sizes)? };
+    let shape = PlanShape::new(&cfg, &q.layout)?;
+    let n = shape.num_entries()?;
+    let plan_range = output_buffer(plan, plan_len, n, Operand::Plan)?;
+    let read: Vec<ByteRange> = [Some(q.range), k.map(|k| k.range)].into_iter().flatten().collect();
+    check_disjoint(&[plan_range], &read)?;
+    // SAFETY: checked pointer, alignment and extent of `n` entries; disjoint from Q and K.
+    let out = unsafe { slice::from_raw_parts_mut(plan, n) };
+    compute_plan(planner, &cfg, &q, k.as_ref(), out)
+}
+
+/// The config a plan needs: the per-head group sizes are read only where the
+/// grouping mode depends on them.
+///
+/// # Safety
+/// The contract of `Settings::config`.
+pub(crate) unsafe fn plan_settings<'a>(
+    settings: &Settings,
+    q_heads: usize,
+    storage: &'a mut Vec<usize>,
+) -> FfiResult<Config<'a>> {
+    match settings.grouping() {
+        GroupingMode::Lsh => Ok(settings.plan_config()),
+        // SAFETY: forwarded contract.
+        _ => unsafe { settings.config(q_heads, storage) },
+    }
 }
 
 /// DistrAttention on a given plan (as computed by `da_plan` or another backend
@@ -248,8 +352,9 @@ pub unsafe extern "C" fn da_exact_attention(
     boundary(|| unsafe { attend(ctx, config, Mode::Exact, [q, k, v, out], lse, lse_len) })
 }
 
-/// One-shot DistrAttention: computes the plan of Q (as `da_plan`) and attends
-/// with it (as `da_attention`). Arguments as for `da_attention`, except the plan:
+/// One-shot DistrAttention: computes the plan of Q (as `da_plan_with_keys` with
+/// K, so every grouping mode works) and attends with it (as `da_attention`).
+/// Arguments as for `da_attention`, except the plan:
 /// `plan_out` is NULL (the plan stays in the context's scratch memory), or
 /// `plan_len >= num_entries` entries that receive the plan, e.g. to replay it
 /// on another backend. `plan_out` is written only when the call succeeds and
@@ -336,7 +441,7 @@ unsafe fn attend(
                     Error::BufferTooSmall { operand: Operand::Plan, needed: plan_entries, got }.into()
                 );
             }
-            read.push(ByteRange::of_buffer(plan, plan_entries, Operand::Plan)?);
+            read.push(ByteRange::of_buffer(plan, plan_entries, Operand::Plan.name())?);
         }
         Mode::Forward(plan_out, plan_len) => {
             if !plan_out.is_null() {
@@ -356,7 +461,9 @@ unsafe fn attend(
         Mode::Forward(..) => {
             // Planned into the context, and copied out only once the call succeeded.
             let buf = grow(plan_store, plan_entries, Operand::Plan)?;
-            compute_plan(planner, &cfg, &q, buf)?;
+            // LSH plans need no keys (and reuse the context's projections).
+            let keys = (cfg.grouping != GroupingMode::Lsh).then_some(&k);
+            compute_plan(planner, &cfg, &q, keys, buf)?;
             Some(&*buf)
         }
     };
@@ -386,7 +493,7 @@ unsafe fn attend(
 /// # Safety
 /// `t` came from [`HostTensor::read`] with `t.dtype == T::DTYPE`, and the caller
 /// of the exported function guarantees the extent is readable.
-unsafe fn view<T: Element>(t: &HostTensor) -> Tensor<'_, T> {
+pub(crate) unsafe fn view<T: Element>(t: &HostTensor) -> Tensor<'_, T> {
     debug_assert_eq!(t.dtype, T::DTYPE);
     // SAFETY: non-NULL, aligned for T, `len` elements within the address space
     // (checked by `HostTensor::read`); readable per the caller's contract.
@@ -410,15 +517,55 @@ fn run<T: Element>(
     Ok(())
 }
 
-/// Plans `q` into `out` with the context's projections and scratch.
-fn compute_plan(planner: &mut Planner, cfg: &Config<'_>, q: &HostTensor, out: &mut [u16]) -> FfiResult {
-    let rows = cfg.block_rows.min(q.layout.seq);
-    let (r, scratch) = planner.buffers(cfg, rows, plan_scratch_len(q.layout.dim))?;
-    // SAFETY (each arm): `q` is checked and of the matched dtype.
-    match q.dtype {
-        DType::F32 => plan_into(cfg, &unsafe { view::<f32>(q) }, r, out, scratch)?,
-        DType::F16 => plan_into(cfg, &unsafe { view::<f16>(q) }, r, out, scratch)?,
-        DType::BF16 => plan_into(cfg, &unsafe { view::<bf16>(q) }, r, out, scratch)?,
-    };
+/// Plans `q` into `out` (exactly the plan's length) under the config's grouping
+/// mode. Without keys, LSH plans use the context's projections and scratch;
+/// everything else goes through the allocating planner of the core: with keys,
+/// `plan_with_keys` (which validates K in every mode, and which
+/// `DA_GROUPING_KEY_WEIGHTED` needs), without, `plan` (which refuses that mode).
+pub(crate) fn compute_plan(
+    planner: &mut Planner,
+    cfg: &Config<'_>,
+    q: &HostTensor,
+    k: Option<&HostTensor>,
+    out: &mut [u16],
+) -> FfiResult {
+    if let (GroupingMode::Lsh, None) = (cfg.grouping, k) {
+        let rows = cfg.block_rows.min(q.layout.seq);
+        let (r, scratch) = planner.buffers(cfg, rows, plan_scratch_len(q.layout.dim))?;
+        // SAFETY (each arm): `q` is checked and of the matched dtype.
+        match q.dtype {
+            DType::F32 => plan_into(cfg, &unsafe { view::<f32>(q) }, r, out, scratch)?,
+            DType::F16 => plan_into(cfg, &unsafe { view::<f16>(q) }, r, out, scratch)?,
+            DType::BF16 => plan_into(cfg, &unsafe { view::<bf16>(q) }, r, out, scratch)?,
+        };
+        return Ok(());
+    }
+    let plan = match q.dtype {
+        DType::F32 => allocated_plan::<f32>(cfg, q, k),
+        DType::F16 => allocated_plan::<f16>(cfg, q, k),
+        DType::BF16 => allocated_plan::<bf16>(cfg, q, k),
+    }
+    .map_err(|e| match e {
+        Error::GroupingUnavailable { .. } => Failure::new(
+            da_status::of_error(&e),
+            format!("{e} (from C: da_plan_with_keys, or da_forward, which passes the keys)"),
+        ),
+        e => e.into(),
+    })?;
+    out.copy_from_slice(plan.as_slice());
     Ok(())
+}
+
+fn allocated_plan<T: Element>(
+    cfg: &Config<'_>,
+    q: &HostTensor,
+    k: Option<&HostTensor>,
+) -> Result<distr_attention_core::Plan, Error> {
+    // SAFETY: `q` and `k` are checked and of `T` (the callers match Q's dtype and
+    // check that K's equals it).
+    let q = unsafe { view::<T>(q) };
+    match k {
+        Some(k) => plan_with_keys(cfg, &q, &unsafe { view::<T>(k) }),
+        None => distr_attention_core::plan(cfg, &q),
+    }
 }

@@ -76,6 +76,11 @@ impl Failure {
     pub(crate) fn new(status: da_status, message: impl Into<String>) -> Self {
         Failure { status, message: Detail::Text(message.into()) }
     }
+
+    /// The same failure with `prefix` before its message (e.g. which calibration sample).
+    pub(crate) fn context(self, prefix: impl fmt::Display) -> Self {
+        Failure { status: self.status, message: Detail::Text(format!("{prefix}: {self}")) }
+    }
 }
 
 impl From<Error> for Failure {

@@ -18,7 +18,8 @@
 //!   all when it failed;
 //! * a successful call had no written buffer overlapping another buffer;
 //! * a successful plan is a permutation in every block, and an attention
-//!   output on finite f32 inputs lies within the range of V (and 0).
+//!   output on finite f32 inputs lies within the range of V (and 0);
+//! * a successful table lookup or planner call returns group sizes of at least 1.
 
 use core::ffi::{c_char, c_void, CStr};
 use core::mem::size_of;
@@ -28,7 +29,7 @@ use distr_attention_core::{Layout, Operand};
 
 use crate::*;
 
-const ARENA_BYTES: usize = 1 << 16;
+const ARENA_BYTES: usize = 1 << 17;
 /// Each tensor and buffer has its own part of the arena unless the input
 /// moves it (so that overlaps are the fuzzer's choice, not the default).
 const SLOT_BYTES: usize = 8 << 10;
@@ -98,6 +99,8 @@ impl Arena {
 /// library may take it to be (`None` when the claimed extent overflows).
 #[derive(Clone, Copy, Debug)]
 struct Region {
+    /// The part of the arena it was placed in by default (which argument it is).
+    slot: usize,
     start: usize,
     bytes: Option<usize>,
     written: bool,
@@ -111,6 +114,12 @@ enum Role {
     Tensor,
     Lse,
     Plan,
+    /// One value of this many bytes per (batch, query head): error estimates.
+    PerBatchHead(usize),
+    /// One value of this many bytes per query head: the planner's outputs.
+    PerHead(usize),
+    /// The group sizes of a table entry (u32, as many as the entry has heads).
+    TableSizes,
     Other,
 }
 
@@ -188,7 +197,7 @@ fn tensor(
             arena.base().wrapping_add(offset).cast_const().cast()
         }
         Some(Some(bytes)) if offset.checked_add(bytes).is_some_and(|end| end <= ARENA_BYTES) => {
-            regions.push(Region { start: offset, bytes: Some(bytes), written, role: Role::Tensor });
+            regions.push(Region { slot, start: offset, bytes: Some(bytes), written, role: Role::Tensor });
             arena.base().wrapping_add(offset).cast_const().cast()
         }
         // Would run past the arena: the harness may not claim it.
@@ -208,6 +217,7 @@ fn tensor(
 }
 
 /// A plain buffer of `T` in the arena, or NULL; its claimed length fits the arena.
+#[allow(clippy::too_many_arguments)]
 fn buffer<T>(
     inp: &mut Input<'_>,
     arena: &mut Arena,
@@ -215,6 +225,7 @@ fn buffer<T>(
     slot: usize,
     role: Role,
     typical: usize,
+    written: bool,
 ) -> (*mut T, usize) {
     if inp.one_in(10) {
         return (null_mut(), inp.size(typical));
@@ -230,8 +241,89 @@ fn buffer<T>(
         _ => typical,
     }
     .min(room);
-    regions.push(Region { start: offset, bytes: Some(len * size_of::<T>()), written: true, role });
+    regions.push(Region { slot, start: offset, bytes: Some(len * size_of::<T>()), written, role });
     (arena.base().wrapping_add(offset).cast(), len)
+}
+
+/// One written `T` in the arena (sometimes misaligned, or a buffer the fuzzer
+/// moved anywhere), or NULL.
+fn scalar<T>(inp: &mut Input<'_>, arena: &mut Arena, regions: &mut Vec<Region>, slot: usize) -> *mut T {
+    if inp.one_in(12) {
+        return null_mut();
+    }
+    let mut offset = if inp.one_in(8) {
+        inp.below(ARENA_BYTES - size_of::<T>())
+    } else {
+        slot * SLOT_BYTES + inp.below(1024)
+    };
+    if !inp.one_in(16) {
+        offset -= offset % size_of::<T>();
+    }
+    regions.push(Region {
+        slot,
+        start: offset,
+        bytes: Some(size_of::<T>()),
+        written: true,
+        role: Role::Other,
+    });
+    arena.base().wrapping_add(offset).cast()
+}
+
+/// A table in the planner's JSON format for `heads` query heads, from the
+/// fuzz input: valid most of the time, with fuzzed sizes, names, settings, and
+/// sometimes a damaged byte or a cut.
+fn table(inp: &mut Input<'_>, heads: usize) -> Vec<u8> {
+    let mut files = Vec::new();
+    for f in 0..1 + inp.below(2) {
+        let mut layers = Vec::new();
+        for _ in 0..1 + inp.below(3) {
+            let sizes: Vec<String> = (0..heads)
+                .map(|_| {
+                    ["2", "1", "4", "8", "0", "3", "-1", "5000000000", "2.5", "\"2\""][inp.below(10)]
+                        .to_string()
+                })
+                .collect();
+            let heads_records = if inp.one_in(3) {
+                String::new()
+            } else {
+                let recs: Vec<String> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(h, g)| {
+                        let g = if inp.one_in(10) { "7" } else { g.as_str() };
+                        format!("{{\"head\": {h}, \"group_size\": {g}, \"measured_error\": 0.1}}")
+                    })
+                    .collect();
+                format!(", \"heads\": [{}]", recs.join(", "))
+            };
+            layers.push(format!(
+                "{{\"layer\": \"layer{}\", \"group_sizes\": [{}], \"flop_saving\": 0.1{heads_records}}}",
+                inp.below(3),
+                sizes.join(", ")
+            ));
+        }
+        files.push(format!(
+            "{{\"file\": \"{}f{f}.safetensors\", \"layers\": [{}]}}",
+            ["", "dir/", "/abs/dir/"][inp.below(3)],
+            layers.join(", ")
+        ));
+    }
+    let grouping =
+        ["\"Similarity\"", "\"Lsh\"", "\"KeyWeighted\"", "\"key-weighted\"", "\"Bogus\"", "3"][inp.below(6)];
+    let block_rows = ["64", "1", "0", "-4", "\"64\""][inp.below(5)];
+    let mut text = format!(
+        "{{\"target\": {{\"max_error\": 0.2}}, \"grouping\": {grouping}, \"block_rows\": {block_rows}, \"files\": [{}]}}",
+        files.join(", ")
+    )
+    .into_bytes();
+    if inp.one_in(8) {
+        let i = inp.below(text.len());
+        text[i] = inp.byte();
+    }
+    if inp.one_in(12) {
+        text.truncate(inp.below(text.len()));
+    }
+    text
 }
 
 fn message() -> &'static str {
@@ -239,11 +331,21 @@ fn message() -> &'static str {
     unsafe { CStr::from_ptr(da_last_error_message()) }.to_str().unwrap_or("<not UTF-8>")
 }
 
-/// Runs one fuzz input and returns the call kind (0..8) and its status.
-/// Panics when an invariant of the library is broken.
+/// Number of call kinds [`run`] chooses from.
+pub const CALL_KINDS: usize = 14;
+
+/// Runs one fuzz input and returns the call kind (`0..CALL_KINDS`) and its
+/// status. Panics when an invariant of the library is broken.
+///
+/// Kinds: 0 plan shape, 1 plan, 2 attention, 3 exact attention, 4 forward,
+/// 5 projections, 6 config default, 7 last-error copy, 8 plan with keys,
+/// 9 error estimate, 10 backward, 11 exact backward, 12 planner, 13 table lookup.
 pub fn run(data: &[u8]) -> (usize, da_status) {
     let mut inp = Input(data);
-    let which = inp.below(8);
+    let which = inp.below(CALL_KINDS);
+    let backward = matches!(which, 10 | 11);
+    // The kinds that write the attention output and the lse.
+    let attends = matches!(which, 2..=4);
     let mut arena = Arena { words: vec![0u64; ARENA_BYTES / 8] };
     let finite = !inp.one_in(4);
     let mut seed = inp.u64() | 1;
@@ -277,6 +379,7 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
         seed: inp.u64(),
         fusion: inp.below(2) as u32,
         causal: inp.below(2) as u32,
+        grouping: [0, 0, 1, 2][inp.below(4)],
         ..da_config::defaults()
     };
     if inp.one_in(4) {
@@ -290,7 +393,7 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
         19 => cfg.fusion = inp.byte() as u32,
         20 => cfg.scale = [f32::NAN, -1.0, f32::INFINITY, 0.5, 1e-30][inp.below(5)],
         21 => cfg.struct_size = inp.below(size_of::<da_config>() + 193),
-        22 => cfg.reserved = inp.byte() as u32,
+        22 => cfg.grouping = inp.byte() as u32,
         23 => cfg.num_group_sizes = inp.below(7),
         _ => {}
     }
@@ -316,40 +419,52 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
     let q = tensor(&mut inp, &mut arena, &mut regions, 0, [b, n, hq, d], dtype, false);
     let k = tensor(&mut inp, &mut arena, &mut regions, 1, [b, m, hk, d], dtype, false);
     let v = tensor(&mut inp, &mut arena, &mut regions, 2, [b, m, hk, dv], dtype, false);
-    let out = tensor(&mut inp, &mut arena, &mut regions, 3, [b, n, hq, dv], 0, true);
+    // The attention output, or the forward's output that a backward pass reads.
+    let out = tensor(&mut inp, &mut arena, &mut regions, 3, [b, n, hq, dv], 0, attends);
     let descs: [*const da_tensor; 4] =
         [&q, &k, &v, &out].map(|t| if inp.one_in(60) { null() } else { t as *const da_tensor });
-    let lse = if inp.one_in(2) {
-        buffer::<f32>(&mut inp, &mut arena, &mut regions, 4, Role::Lse, b * hq * n)
+    let lse = if backward || inp.one_in(2) {
+        buffer::<f32>(&mut inp, &mut arena, &mut regions, 4, Role::Lse, b * hq * n, attends)
     } else {
         (null_mut(), 0)
     };
     let blocks = n.div_ceil(cfg.block_rows.max(1));
     let plan_entries = b * hq * blocks * d;
 
-    // The plan read by da_attention: a real plan of Q (copied into the arena)
-    // or the arena's bytes.
+    // The plan read by da_attention, da_estimate_errors and da_attention_backward:
+    // a real plan of Q (copied into the arena), or the arena's bytes; for the
+    // estimate sometimes none (it plans itself).
     let mut plan_in = (null::<u16>(), 0usize);
-    if which == 2 {
-        let mut reg = Vec::new();
-        let (p, len) = buffer::<u16>(&mut inp, &mut arena, &mut reg, 5, Role::Plan, plan_entries);
-        if let Some(r) = reg.first() {
-            regions.push(Region { written: false, ..*r });
-            if inp.below(3) < 2 && !p.is_null() && !q.data.is_null() {
-                let mut tmp = vec![0u16; len];
-                // SAFETY: `tmp` holds `len` entries; Q is a valid descriptor or rejected.
-                if unsafe { da_plan(ctx, &padded.cfg, &q, tmp.as_mut_ptr(), len) } == da_status::Ok {
-                    // SAFETY: `p` addresses `len` entries of the arena, maybe misaligned:
-                    // copied as bytes.
-                    unsafe {
-                        core::ptr::copy_nonoverlapping(tmp.as_ptr().cast::<u8>(), p.cast::<u8>(), 2 * len)
-                    };
-                }
+    if matches!(which, 2 | 9 | 10) && !(which == 9 && inp.one_in(3)) {
+        let (p, len) = buffer::<u16>(&mut inp, &mut arena, &mut regions, 5, Role::Plan, plan_entries, false);
+        if inp.below(3) < 2 && !p.is_null() && !q.data.is_null() {
+            let mut tmp = vec![0u16; len];
+            // SAFETY: `tmp` holds `len` entries; Q and K are valid descriptors or rejected.
+            let s = unsafe { da_plan_with_keys(ctx, &padded.cfg, &q, &k, tmp.as_mut_ptr(), len) };
+            if s == da_status::Ok {
+                // SAFETY: `p` addresses `len` entries of the arena, maybe misaligned:
+                // copied as bytes.
+                unsafe { core::ptr::copy_nonoverlapping(tmp.as_ptr().cast::<u8>(), p.cast::<u8>(), 2 * len) };
             }
         }
         plan_in = (p.cast_const(), len);
     }
+    // The table read by da_load_group_sizes, in the arena.
+    let mut table_in = (null::<c_char>(), 0usize);
+    if which == 13 {
+        let text = table(&mut inp, hq);
+        let offset = 6 * SLOT_BYTES + inp.below(1024);
+        let len = text.len().min(SLOT_BYTES);
+        // SAFETY: `len` bytes from `offset` lie inside the arena (slot 6 and the next).
+        unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), arena.base().add(offset), len) };
+        regions.push(Region { slot: 6, start: offset, bytes: Some(len), written: false, role: Role::Other });
+        table_in = (arena.base().wrapping_add(offset).cast_const().cast(), len);
+        if inp.one_in(30) {
+            table_in.0 = null();
+        }
+    }
     let snapshot = arena.bytes().to_vec();
+    let mut table_heads = 0usize;
 
     // SAFETY (every call): each pointer is NULL or addresses memory of the
     // arena (or of this frame) for the extent it claims; claims whose size
@@ -364,9 +479,14 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
                 }
                 s
             }
-            1 => {
-                let (p, len) = buffer::<u16>(&mut inp, &mut arena, &mut regions, 5, Role::Plan, plan_entries);
-                let s = da_plan(ctx_arg, config_ptr, descs[0], p, len);
+            1 | 8 => {
+                let (p, len) =
+                    buffer::<u16>(&mut inp, &mut arena, &mut regions, 5, Role::Plan, plan_entries, true);
+                let s = if which == 1 {
+                    da_plan(ctx_arg, config_ptr, descs[0], p, len)
+                } else {
+                    da_plan_with_keys(ctx_arg, config_ptr, descs[0], descs[1], p, len)
+                };
                 if s == da_status::Ok {
                     check_plan(config_ptr, descs[0], p, len);
                 }
@@ -382,7 +502,7 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
             }
             4 => {
                 let (p, len) = if inp.one_in(2) {
-                    buffer::<u16>(&mut inp, &mut arena, &mut regions, 5, Role::Plan, plan_entries)
+                    buffer::<u16>(&mut inp, &mut arena, &mut regions, 5, Role::Plan, plan_entries, true)
                 } else {
                     (null_mut(), 0)
                 };
@@ -396,27 +516,206 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
             5 => {
                 let mut len = 0usize;
                 let s = da_projections_len(config_ptr, &mut len);
-                let (p, room) = buffer::<f32>(&mut inp, &mut arena, &mut regions, 6, Role::Other, len);
+                let (p, room) = buffer::<f32>(&mut inp, &mut arena, &mut regions, 6, Role::Other, len, true);
                 let s2 = da_projections(config_ptr, p, room);
                 assert!(s != da_status::Ok || s2 != da_status::Ok || room >= len);
                 s2
             }
             6 => {
-                let (p, room) =
-                    buffer::<u8>(&mut inp, &mut arena, &mut regions, 6, Role::Other, size_of::<da_config>());
+                let (p, room) = buffer::<u8>(
+                    &mut inp,
+                    &mut arena,
+                    &mut regions,
+                    6,
+                    Role::Other,
+                    size_of::<da_config>(),
+                    true,
+                );
                 da_config_default(p.cast(), room)
             }
-            _ => {
-                let (p, room) = buffer::<c_char>(&mut inp, &mut arena, &mut regions, 6, Role::Other, 40);
+            7 => {
+                let (p, room) =
+                    buffer::<c_char>(&mut inp, &mut arena, &mut regions, 6, Role::Other, 40, true);
                 let before = message().len();
                 let n = da_last_error_copy(p, room);
                 assert_eq!(n, before);
                 da_status::Ok
             }
+            9 => {
+                let mut outs = [(null_mut::<f64>(), 0usize); 3];
+                for (slot, o) in (11..14).zip(outs.iter_mut()) {
+                    if !inp.one_in(4) {
+                        *o = buffer::<f64>(
+                            &mut inp,
+                            &mut arena,
+                            &mut regions,
+                            slot,
+                            Role::PerBatchHead(8),
+                            b * hq,
+                            true,
+                        );
+                    }
+                }
+                let len = outs.iter().map(|o| o.1).min().unwrap_or(0);
+                let sample_rows = [0, 1, 3, 16, usize::MAX][inp.below(5)];
+                let [q, k, v, _] = descs;
+                let s = da_estimate_errors(
+                    ctx_arg,
+                    config_ptr,
+                    plan_in.0,
+                    plan_in.1,
+                    q,
+                    k,
+                    v,
+                    sample_rows,
+                    outs[0].0,
+                    outs[1].0,
+                    outs[2].0,
+                    len,
+                );
+                if s == da_status::Ok {
+                    for (p, _) in outs.iter().filter(|o| !o.0.is_null()).take(2) {
+                        let count = (*descs[0]).batch * (*descs[0]).heads;
+                        // SAFETY: written by the call; `count` doubles.
+                        let xs = core::slice::from_raw_parts(*p, count);
+                        assert!(xs.iter().all(|&x| x >= 0.0), "negative error estimate: {xs:?}");
+                    }
+                }
+                s
+            }
+            10 | 11 => {
+                let d_out = tensor(&mut inp, &mut arena, &mut regions, 7, [b, n, hq, dv], 0, false);
+                let dq = tensor(&mut inp, &mut arena, &mut regions, 8, [b, n, hq, d], 0, true);
+                let dk = tensor(&mut inp, &mut arena, &mut regions, 9, [b, m, hk, d], 0, true);
+                let dv_t = tensor(&mut inp, &mut arena, &mut regions, 10, [b, m, hk, dv], 0, true);
+                let grads: [*const da_tensor; 4] = [&d_out, &dq, &dk, &dv_t].map(|t| {
+                    if inp.one_in(60) {
+                        null()
+                    } else {
+                        t as *const da_tensor
+                    }
+                });
+                let [q, k, v, o] = descs;
+                let lse = (lse.0.cast_const(), lse.1);
+                if which == 10 {
+                    let (p, len) = plan_in;
+                    da_attention_backward(
+                        ctx_arg, config_ptr, p, len, q, k, v, o, lse.0, lse.1, grads[0], grads[1], grads[2],
+                        grads[3],
+                    )
+                } else {
+                    da_exact_attention_backward(
+                        ctx_arg, config_ptr, q, k, v, o, lse.0, lse.1, grads[0], grads[1], grads[2], grads[3],
+                    )
+                }
+            }
+            12 => {
+                let count = 1 + inp.below(2);
+                let arrays: [Vec<da_tensor>; 3] = [vec![q; count], vec![k; count], vec![v; count]];
+                let ptrs = arrays.each_ref().map(|a| if inp.one_in(40) { null() } else { a.as_ptr() });
+                let num_samples = if inp.one_in(20) { 0 } else { count };
+                let candidates: Vec<u32> =
+                    (0..inp.below(4)).map(|_| [2, 4, 8, 1, 0, 3, 16][inp.below(7)]).collect();
+                let cand_ptr =
+                    if candidates.is_empty() && inp.one_in(2) { null() } else { candidates.as_ptr() };
+                let kind = [0, 1, 0, 1, 2, 77][inp.below(6)];
+                let target = [0.0, 0.1, 0.5, 1.0, 2.0, 0.99, -1.0, f64::NAN][inp.below(8)];
+                let (gs, gs_len) =
+                    buffer::<u32>(&mut inp, &mut arena, &mut regions, 11, Role::PerHead(4), hq, true);
+                let mut heads = gs_len;
+                let mut per_head =
+                    |inp: &mut Input<'_>, arena: &mut Arena, regions: &mut Vec<Region>, slot| {
+                        if inp.one_in(3) {
+                            return null_mut();
+                        }
+                        let (p, len) = buffer::<f64>(inp, arena, regions, slot, Role::PerHead(8), hq, true);
+                        heads = heads.min(len);
+                        p
+                    };
+                let measured = per_head(&mut inp, &mut arena, &mut regions, 12);
+                let estimated = per_head(&mut inp, &mut arena, &mut regions, 13);
+                // Every per-head output claims `heads` entries (within what the harness owns).
+                for r in regions.iter_mut() {
+                    if let Role::PerHead(elem) = r.role {
+                        r.bytes = r.bytes.map(|b| b.min(heads * elem));
+                    }
+                }
+                let flop_saving = if inp.one_in(2) {
+                    scalar::<f64>(&mut inp, &mut arena, &mut regions, 14)
+                } else {
+                    null_mut()
+                };
+                let met = if inp.one_in(2) {
+                    scalar::<u32>(&mut inp, &mut arena, &mut regions, 15)
+                } else {
+                    null_mut()
+                };
+                let s = da_choose_group_sizes(
+                    config_ptr,
+                    ptrs[0],
+                    ptrs[1],
+                    ptrs[2],
+                    num_samples,
+                    cand_ptr,
+                    candidates.len(),
+                    kind,
+                    target,
+                    gs,
+                    measured,
+                    estimated,
+                    heads,
+                    flop_saving,
+                    met,
+                );
+                if s == da_status::Ok {
+                    // SAFETY: written by the call: one size per query head.
+                    let sizes = core::slice::from_raw_parts(gs, q.heads);
+                    assert!(sizes.iter().all(|&g| g == 1 || candidates.contains(&g)), "sizes {sizes:?}");
+                }
+                s
+            }
+            _ => {
+                let layer = std::ffi::CString::new(format!("layer{}", inp.below(4))).unwrap();
+                let file = [
+                    None,
+                    Some(c"f0.safetensors"),
+                    Some(c"f1.safetensors"),
+                    Some(c"dir/f1.safetensors"),
+                    Some(c"nope"),
+                ][inp.below(5)];
+                let (gs, cap) = if inp.one_in(4) {
+                    (null_mut(), 0)
+                } else {
+                    buffer::<u32>(&mut inp, &mut arena, &mut regions, 11, Role::TableSizes, hq, true)
+                };
+                let heads = scalar::<usize>(&mut inp, &mut arena, &mut regions, 12);
+                let cfg_out: *mut da_config = if inp.one_in(2) { null_mut() } else { &mut padded.cfg };
+                let layer_ptr = if inp.one_in(40) { null() } else { layer.as_ptr() };
+                let s = da_load_group_sizes(
+                    table_in.0,
+                    table_in.1,
+                    file.map_or(null(), |f| f.as_ptr()),
+                    layer_ptr,
+                    gs,
+                    cap,
+                    heads,
+                    cfg_out,
+                );
+                if s == da_status::Ok {
+                    table_heads = heads.read_unaligned();
+                    assert!(table_heads >= 1);
+                    if !gs.is_null() {
+                        // SAFETY: written by the call.
+                        let sizes = core::slice::from_raw_parts(gs, table_heads);
+                        assert!(sizes.iter().all(|&g| g >= 1), "sizes {sizes:?}");
+                    }
+                }
+                s
+            }
         }
     };
     assert_ne!(status, da_status::Panic, "panic reached the boundary: {}", message());
-    if which < 7 {
+    if which != 7 {
         assert_eq!(
             status == da_status::Ok,
             message().is_empty(),
@@ -436,19 +735,40 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
             assert!(allowed, "byte {i} of the arena changed (status {status:?}, call {which})");
         }
     }
-    if status == da_status::Ok && (2..=4).contains(&which) {
+    if status == da_status::Ok && !matches!(which, 0 | 5 | 6 | 7) {
         // A successful call had disjoint written buffers, over the part of
         // each buffer the call uses.
         let lse_bytes = q.batch * q.heads * q.seq * 4;
-        let mut shape = da_plan_shape::default();
-        // SAFETY: the call succeeded with this config and Q.
-        assert_eq!(unsafe { da_get_plan_shape(config_ptr, descs[0], &mut shape) }, da_status::Ok);
-        let used = |r: &Region| match r.role {
-            Role::Lse => Region { bytes: r.bytes.map(|b| b.min(lse_bytes)), ..*r },
-            Role::Plan => Region { bytes: r.bytes.map(|b| b.min(2 * shape.num_entries)), ..*r },
-            _ => *r,
+        let plan_bytes = if regions.iter().any(|r| r.role == Role::Plan) {
+            let mut shape = da_plan_shape::default();
+            // SAFETY: the call succeeded with this config and Q.
+            assert_eq!(unsafe { da_get_plan_shape(config_ptr, descs[0], &mut shape) }, da_status::Ok);
+            2 * shape.num_entries
+        } else {
+            0
         };
-        let regions: Vec<Region> = regions.iter().map(used).collect();
+        let used = |r: &Region| {
+            let cap = match r.role {
+                Role::Lse => lse_bytes,
+                Role::Plan => plan_bytes,
+                Role::PerBatchHead(elem) => q.batch * q.heads * elem,
+                Role::PerHead(elem) => q.heads * elem,
+                Role::TableSizes => 4 * table_heads,
+                Role::Tensor | Role::Other => usize::MAX,
+            };
+            Region { bytes: r.bytes.map(|b| b.min(cap)), ..*r }
+        };
+        // The arguments of the call, by slot (other regions were made but not passed).
+        let passed: &[usize] = match which {
+            1 => &[0, 5],
+            8 => &[0, 1, 5],
+            9 => &[0, 1, 2, 5, 11, 12, 13],
+            10 | 11 => &[0, 1, 2, 3, 4, 5, 7, 8, 9, 10],
+            12 => &[0, 1, 2, 11, 12, 13, 14, 15],
+            13 => &[6, 11, 12],
+            _ => &[0, 1, 2, 3, 4, 5],
+        };
+        let regions: Vec<Region> = regions.iter().filter(|r| passed.contains(&r.slot)).map(used).collect();
         for (i, r) in regions.iter().enumerate() {
             for o in &regions[i + 1..] {
                 assert!(
@@ -457,7 +777,8 @@ pub fn run(data: &[u8]) -> (usize, da_status) {
                 );
             }
         }
-        if finite
+        if (2..=4).contains(&which)
+            && finite
             && dtype == 0
             && q.dtype == 0
             && (v.data as usize).is_multiple_of(4)
@@ -548,15 +869,15 @@ mod tests {
         };
         let mut seen: HashMap<(usize, da_status), usize> = HashMap::new();
         *seen.entry(super::run(&[])).or_default() += 1;
-        for case in 0..4000 {
-            let len = (next() % 160) as usize;
+        for case in 0..6000 {
+            let len = (next() % 200) as usize;
             let mut input: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if let Some(first) = input.first_mut() {
-                *first = (case % 8) as u8;
+                *first = (case % super::CALL_KINDS) as u8;
             }
             *seen.entry(super::run(&input)).or_default() += 1;
         }
-        for which in 0..8 {
+        for which in 0..super::CALL_KINDS {
             assert!(
                 seen.contains_key(&(which, da_status::Ok)),
                 "call kind {which} never succeeded: {seen:?}"
@@ -575,6 +896,8 @@ mod tests {
             da_status::NonFinite,
             da_status::BadPlan,
             da_status::Unsupported,
+            da_status::BadTable,
+            da_status::NotFound,
         ] {
             assert!(seen.keys().any(|&(_, s)| s == status), "{status:?} never returned: {seen:?}");
         }

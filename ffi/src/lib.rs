@@ -1,5 +1,12 @@
 //! # distr-attention-ffi: the C ABI of DistrAttention
 //!
+//! Entry points: plans (`da_plan`, `da_plan_with_keys`; LSH, similarity or
+//! key-weighted grouping), attention on a plan, exact attention and the
+//! one-shot forward pass; the backward pass (`da_attention_backward`,
+//! `da_exact_attention_backward`); per-head error estimates
+//! (`da_estimate_errors`); the error-budget planner (`da_choose_group_sizes`)
+//! and the reader of its JSON tables (`da_load_group_sizes`).
+//!
 //! Builds `libdistr_attention.so` and `libdistr_attention.a`; the header
 //! `include/distr_attention.h` is generated from these sources by cbindgen
 //! (`cargo test -p distr-attention-ffi --test header` checks it is current;
@@ -13,8 +20,8 @@
 //!   failure, naming the offending argument.
 //! * **No undefined behaviour for bad values.** NULL or misaligned pointers,
 //!   unknown enum values, zero or inconsistent dimensions, sizes that overflow,
-//!   short buffers, outputs that overlap inputs, non-finite inputs and invalid
-//!   configs all return a status. What the library cannot check is that a
+//!   short buffers, outputs that overlap inputs (compared by the byte ranges of
+//!   their extents), non-finite inputs and invalid configs all return a status. What the library cannot check is that a
 //!   non-NULL pointer really addresses the memory its descriptor describes:
 //!   that is the caller's contract.
 //! * **No partial writes.** All arguments are validated before any caller
@@ -41,9 +48,12 @@
 #![warn(missing_debug_implementations)]
 
 mod api;
+mod backward;
+mod budget;
 mod context;
 mod error;
 mod status;
+mod table;
 mod types;
 mod version;
 
@@ -54,10 +64,13 @@ mod tests;
 
 pub use api::{
     da_attention, da_config_default, da_exact_attention, da_forward, da_get_plan_shape, da_plan,
-    da_projections, da_projections_len,
+    da_plan_with_keys, da_projections, da_projections_len,
 };
+pub use backward::{da_attention_backward, da_exact_attention_backward};
+pub use budget::{da_choose_group_sizes, da_estimate_errors};
 pub use context::{da_context, da_context_free, da_context_new};
 pub use error::{da_last_error_copy, da_last_error_message};
 pub use status::{da_status, da_status_string};
-pub use types::{da_config, da_dtype, da_fusion, da_plan_shape, da_tensor};
+pub use table::{da_load_group_sizes, da_load_group_sizes_file};
+pub use types::{da_budget_target, da_config, da_dtype, da_fusion, da_grouping, da_plan_shape, da_tensor};
 pub use version::{da_version, da_version_number};

@@ -20,8 +20,11 @@ pub enum da_status {
     /// A data pointer is not aligned to its element type (4 bytes for f32, 2 for f16,
     /// bf16 and plan entries).
     MisalignedPointer = 2,
-    /// An argument has a value no class below covers: an unknown dtype or fusion
-    /// value, or a config whose `struct_size` is too small.
+    /// An argument has a value no class below covers: an unknown dtype, fusion,
+    /// grouping or planner target value, a planner target out of its range, no
+    /// calibration sample, a string that is not UTF-8, a layer found in several
+    /// files of a table when no file was named, or a config whose `struct_size`
+    /// is too small.
     InvalidArgument = 3,
     /// The config is invalid: `block_rows` 0, `num_projections` outside 1..=32, a
     /// negative or infinite scale, a group size that is 0 or does not divide the head
@@ -44,18 +47,30 @@ pub enum da_status {
     /// A plan passed in is not a permutation of the head-dimension columns in every block.
     BadPlan = 11,
     /// A combination this build does not support: an output dtype other than f32,
-    /// K or V of a dtype other than Q's, or a config field of a newer header
-    /// (bytes past the known end of `da_config` that are not zero).
+    /// K or V of a dtype other than Q's (or calibration samples of different
+    /// dtypes), a grouping mode the function cannot use (key-weighted plans need
+    /// the keys: `da_plan_with_keys`), a group size the grouping mode does not
+    /// support (similarity modes need powers of two), or a config field of a
+    /// newer header (bytes past the known end of `da_config` that are not zero).
     Unsupported = 12,
     /// Scratch memory could not be allocated.
     AllocationFailed = 13,
     /// The library panicked (a bug); the panic was caught at the boundary. The
     /// context stays usable.
     Panic = 14,
+    /// A file could not be read (the message has the system's reason).
+    IoError = 15,
+    /// A group-size table is not valid JSON or not in the format the planner
+    /// writes (`examples/plan_heads.rs`), or its entry for the layer is invalid
+    /// (a group size that is not a positive 32-bit integer, per-head records that
+    /// disagree with the sizes).
+    BadTable = 16,
+    /// A group-size table has no entry for the requested layer (or file).
+    NotFound = 17,
 }
 
 /// Every status, in numeric order.
-pub(crate) const ALL_STATUSES: [da_status; 15] = [
+pub(crate) const ALL_STATUSES: [da_status; 18] = [
     da_status::Ok,
     da_status::NullPointer,
     da_status::MisalignedPointer,
@@ -71,6 +86,9 @@ pub(crate) const ALL_STATUSES: [da_status; 15] = [
     da_status::Unsupported,
     da_status::AllocationFailed,
     da_status::Panic,
+    da_status::IoError,
+    da_status::BadTable,
+    da_status::NotFound,
 ];
 
 impl da_status {
@@ -93,9 +111,12 @@ impl da_status {
             Error::UnsupportedDtype { .. }
             | Error::UnsupportedHeadDim { .. }
             | Error::UnsupportedBlockRows { .. }
-            | Error::UnsupportedGroupSize { .. } => da_status::Unsupported,
-            // The core's error enum is non-exhaustive: a variant added later is
-            // still reported, with its own message.
+            | Error::UnsupportedGroupSize { .. }
+            | Error::GroupingUnavailable { .. } => da_status::Unsupported,
+            Error::InvalidTarget { .. } => da_status::InvalidArgument,
+            // Every variant of this core version is listed above. The enum is
+            // non-exhaustive, so a variant added later still needs an arm: it is
+            // reported as an invalid argument, with its own message.
             _ => da_status::InvalidArgument,
         }
     }
@@ -117,6 +138,9 @@ impl da_status {
             da_status::Unsupported => c"unsupported combination of arguments",
             da_status::AllocationFailed => c"memory allocation failed",
             da_status::Panic => c"internal error: the library panicked",
+            da_status::IoError => c"a file could not be read",
+            da_status::BadTable => c"the group-size table is malformed",
+            da_status::NotFound => c"not found in the group-size table",
         }
     }
 }

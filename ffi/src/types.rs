@@ -8,7 +8,7 @@
 use core::ffi::c_void;
 use core::mem::size_of;
 
-use distr_attention_core::{Config, DType, Error, Fusion, GroupSizes, Layout, Operand};
+use distr_attention_core::{Config, DType, Error, Fusion, GroupSizes, GroupingMode, Layout, Operand};
 
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
@@ -36,6 +36,62 @@ pub enum da_fusion {
     Sample = 1,
 }
 
+/// How a plan groups the head-dimension columns of each query block (the
+/// `grouping` field of `da_config`). The plan is only a permutation, so every
+/// mode runs on the same attention code; the modes differ in what the plan
+/// depends on and in the error they cause.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum da_grouping {
+    /// The paper's angular LSH with inverse-Gray ordering (the default). The plan
+    /// depends only on Q, `block_rows`, `num_projections` and `seed`; any group size.
+    Lsh = 0,
+    /// Exact similarity of the query block's columns (greedy merging that keeps the
+    /// within-group spread small, then swaps). Depends on Q and the group sizes,
+    /// which must be powers of two.
+    Similarity = 1,
+    /// Like `DA_GROUPING_SIMILARITY`, but minimises the score error itself, weighting
+    /// column differences by the Gram matrix of the (centred) keys. Needs K: plan
+    /// with `da_plan_with_keys` (`da_plan` refuses it) or use `da_forward`, which
+    /// passes the keys. Group sizes must be powers of two.
+    KeyWeighted = 2,
+}
+
+impl da_grouping {
+    /// The core's mode for a raw config value, if it is one.
+    pub(crate) fn from_raw(raw: u32) -> Option<GroupingMode> {
+        match raw {
+            x if x == da_grouping::Lsh as u32 => Some(GroupingMode::Lsh),
+            x if x == da_grouping::Similarity as u32 => Some(GroupingMode::Similarity),
+            x if x == da_grouping::KeyWeighted as u32 => Some(GroupingMode::KeyWeighted),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn of_mode(mode: GroupingMode) -> da_grouping {
+        match mode {
+            GroupingMode::Lsh => da_grouping::Lsh,
+            GroupingMode::Similarity => da_grouping::Similarity,
+            GroupingMode::KeyWeighted => da_grouping::KeyWeighted,
+        }
+    }
+}
+
+/// What the error-budget planner (`da_choose_group_sizes`) aims for.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum da_budget_target {
+    /// `target` is the largest relative output error (Frobenius norm of a head's
+    /// output change over the norm of its exact output) that an approximated head
+    /// may have on any calibration sample; at least 0. Heads that cannot meet it
+    /// keep G = 1.
+    MaxError = 0,
+    /// `target` is the fraction of the attention FLOPs to save, in [0, 1): heads
+    /// are raised to larger G where the measured error grows least, until the
+    /// saving is reached (or every head has the largest candidate).
+    FlopSaving = 1,
+}
+
 /// Parameters of DistrAttention (see ALGORITHM.md of the project).
 ///
 /// Initialise it with `da_config_default(&config, sizeof config)`, which also
@@ -48,6 +104,12 @@ pub enum da_fusion {
 ///
 /// The library copies the config during each call and keeps no pointer to it
 /// or to `group_sizes` after the call returns.
+///
+/// History: version 0.1.0 introduced the struct with a last field `reserved`
+/// that had to be zero; `grouping` took its place, so a config of an older
+/// program (same size, that field zero) selects the default LSH grouping, and an
+/// older library refuses a config that selects another grouping
+/// (`DA_STATUS_UNSUPPORTED`) rather than ignoring it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct da_config {
@@ -80,9 +142,9 @@ pub struct da_config {
     /// Softmax scale. 0 (the default) or NaN means 1/sqrt(head_dim); otherwise it
     /// must be finite and positive.
     pub scale: f32,
-    /// Must be zero (keeps the struct free of padding, so that a field added here
-    /// later is seen by this library as an unknown nonzero field).
-    pub reserved: u32,
+    /// A `da_grouping` value (default `DA_GROUPING_LSH`): how plans group the
+    /// columns.
+    pub grouping: u32,
 }
 
 /// Descriptor of a `[batch, seq, heads, head_dim]` tensor in host memory.
@@ -148,7 +210,7 @@ impl da_config {
             fusion: da_fusion::Mean as u32,
             causal: d.causal as u32,
             scale: 0.0,
-            reserved: 0,
+            grouping: da_grouping::of_mode(d.grouping) as u32,
         }
     }
 }
@@ -213,6 +275,7 @@ pub(crate) struct Settings {
     fusion: Fusion,
     causal: bool,
     scale: Option<f32>,
+    grouping: GroupingMode,
 }
 
 impl Settings {
@@ -227,12 +290,15 @@ impl Settings {
                 ))
             }
         };
-        if raw.reserved != 0 {
-            return Err(Failure::new(
-                da_status::Unsupported,
-                format!("config: reserved field is {}, must be 0", raw.reserved),
-            ));
-        }
+        let grouping = da_grouping::from_raw(raw.grouping).ok_or_else(|| {
+            Failure::new(
+                da_status::InvalidArgument,
+                format!(
+                    "config: grouping {} is not a da_grouping value (0 lsh, 1 similarity, 2 key-weighted)",
+                    raw.grouping
+                ),
+            )
+        })?;
         if raw.group_sizes.is_null() && raw.num_group_sizes != 0 {
             return Err(Failure::new(
                 da_status::NullPointer,
@@ -250,11 +316,18 @@ impl Settings {
             fusion,
             causal: raw.causal != 0,
             scale,
+            grouping,
         })
     }
 
-    /// The config for planning: group sizes do not influence a plan, so the
-    /// per-head array is not read.
+    /// The grouping mode of the config.
+    pub(crate) fn grouping(&self) -> GroupingMode {
+        self.grouping
+    }
+
+    /// The config with the uniform `group_size` for every head: the per-head
+    /// array is not read. Enough for LSH plans (group sizes do not influence
+    /// them), plan shapes, projections and the planner (which sets the sizes).
     pub(crate) fn plan_config(&self) -> Config<'static> {
         Config {
             block_rows: self.block_rows,
@@ -264,8 +337,7 @@ impl Settings {
             fusion: self.fusion,
             causal: self.causal,
             scale: self.scale,
-            // Options of the core that the C config does not carry keep their defaults.
-            ..Config::default()
+            grouping: self.grouping,
         }
     }
 
@@ -286,7 +358,7 @@ impl Settings {
             if n != q_heads {
                 return Err(Error::GroupSizesLength { expected: q_heads, got: n }.into());
             }
-            ByteRange::of_buffer(self.group_sizes, n, Operand::GroupSizes)?;
+            ByteRange::of_buffer(self.group_sizes, n, Operand::GroupSizes.name())?;
             // SAFETY: checked non-NULL and aligned; the caller provides `n` entries.
             let sizes = unsafe { core::slice::from_raw_parts(self.group_sizes, n) };
             storage.clear();
@@ -303,7 +375,8 @@ impl Settings {
 /// The bytes a buffer argument occupies, for the overlap checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ByteRange {
-    pub(crate) operand: Operand,
+    /// The argument, for messages.
+    pub(crate) name: &'static str,
     pub(crate) start: usize,
     pub(crate) len: usize,
 }
@@ -312,19 +385,36 @@ impl ByteRange {
     /// Checks a pointer to `count` elements of `T`: not NULL, aligned, and an
     /// extent that neither overflows the address space nor exceeds `isize::MAX`
     /// bytes (the limit of a Rust slice).
-    pub(crate) fn of_buffer<T>(ptr: *const T, count: usize, operand: Operand) -> FfiResult<ByteRange> {
-        Self::of_raw(ptr.cast(), count, size_of::<T>(), operand)
+    pub(crate) fn of_buffer<T>(ptr: *const T, count: usize, name: &'static str) -> FfiResult<ByteRange> {
+        Self::of_raw(ptr.cast(), count, size_of::<T>(), size_of::<T>(), name)
     }
 
-    fn of_raw(ptr: *const c_void, count: usize, elem: usize, operand: Operand) -> FfiResult<ByteRange> {
+    /// Like [`ByteRange::of_buffer`] for `count` elements of `elem` bytes that
+    /// need no alignment (structs read with unaligned loads, bytes).
+    pub(crate) fn of_unaligned(
+        ptr: *const c_void,
+        count: usize,
+        elem: usize,
+        name: &'static str,
+    ) -> FfiResult<ByteRange> {
+        Self::of_raw(ptr, count, elem, 1, name)
+    }
+
+    fn of_raw(
+        ptr: *const c_void,
+        count: usize,
+        elem: usize,
+        align: usize,
+        name: &'static str,
+    ) -> FfiResult<ByteRange> {
         if ptr.is_null() {
-            return Err(Failure::new(da_status::NullPointer, format!("{}: pointer is NULL", operand.name())));
+            return Err(Failure::new(da_status::NullPointer, format!("{name}: pointer is NULL")));
         }
         let start = ptr as usize;
-        if !start.is_multiple_of(elem) {
+        if !start.is_multiple_of(align) {
             return Err(Failure::new(
                 da_status::MisalignedPointer,
-                format!("{}: pointer {ptr:p} is not aligned to {elem} bytes", operand.name()),
+                format!("{name}: pointer {ptr:p} is not aligned to {align} bytes"),
             ));
         }
         let len = count
@@ -333,13 +423,10 @@ impl ByteRange {
             .ok_or_else(|| {
                 Failure::new(
                     da_status::SizeOverflow,
-                    format!(
-                        "{}: {count} elements of {elem} bytes at {ptr:p} exceed the address space",
-                        operand.name()
-                    ),
+                    format!("{name}: {count} elements of {elem} bytes at {ptr:p} exceed the address space"),
                 )
             })?;
-        Ok(ByteRange { operand, start, len })
+        Ok(ByteRange { name, start, len })
     }
 
     /// True when the two ranges share a byte.
@@ -361,8 +448,7 @@ pub(crate) fn check_disjoint(written: &[ByteRange], read: &[ByteRange]) -> FfiRe
                     da_status::OverlappingBuffers,
                     format!(
                         "{}: the buffer written overlaps the buffer of {} (bytes {:#x}..{:#x} and {:#x}..{:#x})",
-                        w.operand.name(),
-                        other.operand.name(),
+                        w.name, other.name,
                         w.start,
                         w.start + w.len,
                         other.start,
@@ -457,7 +543,7 @@ impl HostTensor {
             ));
         }
         let len = layout.required_len(operand)?;
-        let range = ByteRange::of_raw(t.data, len, elem, operand)?;
+        let range = ByteRange::of_raw(t.data, len, elem, elem, name)?;
         Ok(HostTensor { data: t.data, dtype, layout, len, range })
     }
 
@@ -468,12 +554,7 @@ impl HostTensor {
         }
         Err(Failure::new(
             da_status::Unsupported,
-            format!(
-                "{}: dtype is {}, {why} {}",
-                self.range.operand.name(),
-                dtype_name(self.dtype),
-                dtype_name(dtype)
-            ),
+            format!("{}: dtype is {}, {why} {}", self.range.name, dtype_name(self.dtype), dtype_name(dtype)),
         ))
     }
 }

@@ -34,8 +34,18 @@ fn python_module_tests_pass() {
     if log.contains("skipped 'numpy is not installed'") {
         eprintln!("the numpy tests of the Python module were skipped: numpy is not installed");
     } else {
-        assert!(passed("test_plan_then_attention_equals_forward"), "{log}");
+        for test in [
+            "test_plan_then_attention_equals_forward",
+            "test_every_grouping_mode_plans_and_attends",
+            "test_estimates",
+            "test_planner",
+            "test_backward_matches_finite_differences",
+            "test_exact_backward_matches_the_textbook_gradients",
+        ] {
+            assert!(passed(test), "{test}: {log}");
+        }
     }
+    assert!(passed("test_tables_without_numpy"), "{log}");
 }
 
 #[test]

@@ -65,6 +65,81 @@ pub fn library() -> &'static Library {
     })
 }
 
+/// Builds an example of the root package (`examples/NAME.rs`) with the
+/// profile and target directory of this test executable, as [`library`] builds
+/// the C library, and returns the path of its binary.
+pub fn root_example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps/<test>");
+    let target_dir = profile_dir.parent().expect("<target>/<profile>");
+    let profile = profile_dir.file_name().and_then(|s| s.to_str()).expect("profile directory name");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root())
+        .args(["build", "--quiet", "-p", "distr-attention", "--example", name, "--target-dir"])
+        .arg(target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    run(&mut cmd);
+    let bin = profile_dir.join("examples").join(name);
+    assert!(bin.is_file(), "no example binary at {}", bin.display());
+    bin
+}
+
+/// Reads `count` native-endian f64 from `bytes` at `*pos`, advancing it.
+pub fn take_f64(bytes: &[u8], pos: &mut usize, count: usize) -> Vec<f64> {
+    let v = bytes[*pos..*pos + 8 * count]
+        .chunks_exact(8)
+        .map(|c| f64::from_ne_bytes(c.try_into().unwrap()))
+        .collect();
+    *pos += 8 * count;
+    v
+}
+
+/// Reads `count` native-endian u32 from `bytes` at `*pos`, advancing it.
+pub fn take_u32(bytes: &[u8], pos: &mut usize, count: usize) -> Vec<u32> {
+    let v = bytes[*pos..*pos + 4 * count]
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .collect();
+    *pos += 4 * count;
+    v
+}
+
+/// Writes f32 tensors `[batch, seq, heads, dim]` into a safetensors file (the
+/// fixture format of `src/activations.rs`), with `__metadata__`.
+pub fn write_safetensors(path: &Path, metadata: &[(&str, &str)], tensors: &[(&str, [usize; 4], &[f32])]) {
+    let mut header = serde_json::Map::new();
+    let meta: serde_json::Map<String, serde_json::Value> =
+        metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+    header.insert("__metadata__".into(), meta.into());
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        let start = data.len();
+        data.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend(json);
+    file.extend(data);
+    std::fs::write(path, file).expect("write the safetensors file");
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distr-attention-ffi").join(name);
