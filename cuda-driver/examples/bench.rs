@@ -1,0 +1,178 @@
+//! Benchmark of the CUDA kernels on the issue's shapes: bf16, B·N = 65536,
+//! H·D = 2048, D in {64, 128}, N in {1024, 4096, 16384}, causal and not.
+//! DistrAttention at G = 1, 2, 4 (block_rows 128, P = 16, Mean), the plan
+//! kernel alone, and plan + attention; plus G = 2 at block_rows 64.
+//!
+//! Timing: CUDA events around each launch (series) on one stream, after
+//! warm-up; the median of the repetitions. Inputs are random (uniform with
+//! unit variance), never zeros. Effective TFLOP/s = 4·B·H·N²·D / time,
+//! halved for causal, for every variant (so G > 1 counts the work of exact
+//! attention it replaces).
+//!
+//! ```text
+//! bench [--json PATH] [--warmup N] [--reps N] [--quick]
+//! ```
+//! `cuda-driver/bench/sdpa_peer.py --ours PATH` runs PyTorch's SDPA
+//! (FlashAttention-2 and cuDNN backends) on the same shapes and prints the
+//! joint table with ratios.
+
+use std::io::Write;
+
+use distr_attention_core::{Config, Layout, PlanShape};
+use distr_attention_cuda::cust::event::{Event, EventFlags};
+use distr_attention_cuda::cust::memory::DeviceBuffer;
+use distr_attention_cuda::cust::stream::{Stream, StreamFlags};
+use distr_attention_cuda::{Bf16, Engine, GpuPlan, GpuTensor, GpuTensorMut};
+
+const TOKENS: usize = 65536;
+const WIDTH: usize = 2048;
+
+struct Args {
+    json: Option<String>,
+    warmup: usize,
+    reps: usize,
+    quick: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { json: None, warmup: 3, reps: 10, quick: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--json" => a.json = it.next(),
+            "--warmup" => a.warmup = it.next().and_then(|s| s.parse().ok()).expect("--warmup N"),
+            "--reps" => a.reps = it.next().and_then(|s| s.parse().ok()).expect("--reps N"),
+            "--quick" => a.quick = true,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// Median milliseconds of `f` timed with events on `stream`.
+fn time(stream: &Stream, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    let (start, stop) = (Event::new(EventFlags::DEFAULT).unwrap(), Event::new(EventFlags::DEFAULT).unwrap());
+    for _ in 0..warmup {
+        f();
+    }
+    stream.synchronize().unwrap();
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        start.record(stream).unwrap();
+        f();
+        stop.record(stream).unwrap();
+        stop.synchronize().unwrap();
+        ms.push(stop.elapsed_time_f32(&start).unwrap() as f64);
+    }
+    ms.sort_by(f64::total_cmp);
+    ms[reps / 2]
+}
+
+fn main() {
+    let a = args();
+    let _ctx = distr_attention_cuda::cust::quick_init().expect("a CUDA device");
+    let engine = Engine::new().unwrap();
+    let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
+    println!("device: compute capability {:?}, image {:?}", engine.capability(), engine.image());
+
+    // Random inputs (uniform on [-sqrt(3), sqrt(3)): unit variance), one buffer
+    // per tensor, reused by every shape (B·N·H·D is the same for all).
+    let len = TOKENS * WIDTH;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut host = vec![Bf16::default(); len];
+    let mut fill = |buf: &mut [Bf16]| {
+        for x in buf.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+            *x = Bf16(half::bf16::from_f32((u * 2.0 - 1.0) * 1.732));
+        }
+    };
+    let mut upload = |host: &mut Vec<Bf16>| {
+        fill(host);
+        DeviceBuffer::from_slice(host).unwrap()
+    };
+    let (dq, dk, dv) = (upload(&mut host), upload(&mut host), upload(&mut host));
+    let mut dout: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(&host).unwrap();
+    let mut dplan: DeviceBuffer<u16> = DeviceBuffer::from_slice(&vec![0u16; TOKENS / 64 * WIDTH]).unwrap();
+
+    let mut json = a.json.as_ref().map(|p| std::fs::File::create(p).expect("json output"));
+    println!(
+        "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} | TFLOP/s: {:>5} {:>5} {:>5} {:>6} {:>5} {:>6}",
+        "D", "N", "causal", "B", "H", "plan ms", "G1 ms", "G2 ms", "G4 ms", "G2+pl", "G4+pl", "G2 l64", "G1", "G2", "G4", "G2+pl",
+        "G4+pl", "plan%"
+    );
+    let dims: &[usize] = if a.quick { &[128] } else { &[64, 128] };
+    let lens: &[usize] = if a.quick { &[4096] } else { &[1024, 4096, 16384] };
+    for &d in dims {
+        for &n in lens {
+            for causal in [false, true] {
+                let (b, h) = (TOKENS / n, WIDTH / d);
+                let layout = Layout::contiguous(b, n, h, d);
+                let (tq, tk, tv) =
+                    (GpuTensor::new(&dq, layout), GpuTensor::new(&dk, layout), GpuTensor::new(&dv, layout));
+                let cfg = |g: usize, l: usize| Config { block_rows: l, causal, ..Config::with_group_size(g) };
+                let (c1, c2, c4, c2_64) = (cfg(1, 128), cfg(2, 128), cfg(4, 128), cfg(2, 64));
+                let shape128 = PlanShape::new(&c2, &layout).unwrap();
+                let shape64 = PlanShape::new(&c2_64, &layout).unwrap();
+                let (w, r) = (a.warmup, a.reps);
+                let plan_ms = time(&stream, w, r, || {
+                    engine.plan(&c2, &tq, &mut dplan, &stream).unwrap();
+                });
+                let mut attend =
+                    |c: &Config<'_>, shape: PlanShape, with_plan: bool, dplan: &mut DeviceBuffer<u16>| {
+                        let dout = &mut dout;
+                        time(&stream, w, r, || {
+                            if with_plan {
+                                engine.plan(c, &tq, dplan, &stream).unwrap();
+                            }
+                            let plan = GpuPlan::new(dplan, shape);
+                            let uses_plan = c.group_size(0) > 1;
+                            engine
+                                .attention(
+                                    c,
+                                    uses_plan.then_some(&plan),
+                                    &tq,
+                                    &tk,
+                                    &tv,
+                                    &mut GpuTensorMut::new(dout, layout),
+                                    None,
+                                    &stream,
+                                )
+                                .unwrap();
+                        })
+                    };
+                // The plan buffer holds a real plan of this Q when G > 1 is timed alone.
+                engine.plan(&c2, &tq, &mut dplan, &stream).unwrap();
+                let g1 = attend(&c1, shape128, false, &mut dplan);
+                let g2 = attend(&c2, shape128, false, &mut dplan);
+                let g4 = attend(&c4, shape128, false, &mut dplan);
+                let g2t = attend(&c2, shape128, true, &mut dplan);
+                let g4t = attend(&c4, shape128, true, &mut dplan);
+                engine.plan(&c2_64, &tq, &mut dplan, &stream).unwrap();
+                let g2_64 = attend(&c2_64, shape64, false, &mut dplan);
+                let flops = 4.0 * (b * h) as f64 * (n * n) as f64 * d as f64 / if causal { 2.0 } else { 1.0 };
+                let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+                println!(
+                    "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1:>7.3} {g2:>7.3} {g4:>7.3} {g2t:>7.3} {g4t:>7.3} {g2_64:>8.3} | {:>14.1} {:>5.1} {:>5.1} {:>6.1} {:>5.1} {:>5.1}%",
+                    tf(g1),
+                    tf(g2),
+                    tf(g4),
+                    tf(g2t),
+                    tf(g4t),
+                    100.0 * plan_ms / g2
+                );
+                if let Some(f) = json.as_mut() {
+                    writeln!(
+                        f,
+                        "{{\"d\": {d}, \"n\": {n}, \"causal\": {causal}, \"b\": {b}, \"h\": {h}, \"plan_ms\": {plan_ms}, \
+                         \"g1_ms\": {g1}, \"g2_ms\": {g2}, \"g4_ms\": {g4}, \"g2_total_ms\": {g2t}, \"g4_total_ms\": {g4t}, \
+                         \"g2_l64_ms\": {g2_64}}}"
+                    )
+                    .unwrap();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! # distr-attention-cuda
+//!
+//! The CUDA backend of DistrAttention: a plan kernel and a fused
+//! FlashAttention-2-style attention kernel (`../kernels`, CUDA C++), and this
+//! driver over [`cust`]. Everything CUDA sits behind the **`cuda`** cargo
+//! feature; without it this crate is empty and needs no CUDA toolkit.
+//!
+//! With the feature, `build.rs` compiles the kernels with nvcc (from `$NVCC`,
+//! `$CUDA_HOME`, or the PyPI toolchain `.ci/cuda.sh` installs into `.tools/`)
+//! to cubins for sm_90a and sm_80 and PTX for compute_80, and embeds them.
+//! An [`Engine`] loads them once per CUDA context (cached, shared by the
+//! engines of that context): the sm_90a cubin on compute capability 9.0,
+//! the sm_80 cubin on 8.x, the PTX (JIT) on newer devices.
+//!
+//! ## API
+//! * Over raw device pointers, what inference engines hold:
+//!   [`Engine::plan_raw`] and [`Engine::attention_raw`] take [`RawTensor`]s
+//!   (address, length in elements, [`Layout`] with element strides, [`DType`])
+//!   and a `CUstream`.
+//! * Over cust buffers: [`Engine::plan`], [`Engine::attention`],
+//!   [`Engine::distr_attention`] take [`GpuTensor`]s (a `DeviceSlice` and a
+//!   layout) of [`F16`] or [`Bf16`] and a cust `Stream`.
+//!
+//! Both validate before launching, with the core's checks and typed errors
+//! (see [`validate`]), and launch asynchronously on the caller's stream.
+//!
+//! ## What the kernels compute
+//! Exactly the function of the project's ALGORITHM.md (the core's
+//! `reference::attention` on the same plan), in f16 or bf16 with f32
+//! accumulation:
+//! * **Plan**: per (batch, head, block of `block_rows` query rows) the P dot
+//!   products of each column with R (f32 accumulation), inverse-Gray keys, a
+//!   stable sort; one warp per block. `block_rows <= 128`, `head_dim` in
+//!   {16, 32, 64, 128}, LSH grouping only (other groupings: compute the plan
+//!   on the CPU and upload it). It equals the core's f64 plan except where a
+//!   dot product is within rounding of zero.
+//! * **Attention**: `block_rows` in {64, 128} (one CTA per block, so one
+//!   permutation per CTA), `head_dim` = `v_dim` in {32, 64, 128}, G in
+//!   {1, 2, 4, 8} per head (one launch per distinct G; G = 1 heads never
+//!   read the plan and use 128-row tiles whatever `block_rows`), Mean and Sample
+//!   fusion, bottom-right causal mask, any N and M, GQA/MQA, BSHD element
+//!   strides. Qhat is fused once per CTA and rounded to the input type; Khat
+//!   is fused per key tile in f32 and rounded to the input type; P is
+//!   rounded to the input type for P·V (as in FlashAttention-2).
+//! * **Output type**: the caller chooses per call: f32, or the input type
+//!   (f16/bf16, half the bytes). LSE (optional) is f32, natural log, dense
+//!   `[batch, q_heads, q_len]`. A row that sees no key outputs 0 and LSE -inf.
+//! * **Alignment**: Q, K, V 16-byte aligned with batch/seq/head strides
+//!   multiples of 8 elements; output aligned to two elements with even
+//!   strides; for the plan kernel, Q 8-byte aligned with strides multiples
+//!   of 4. Violations return [`Error::Misaligned`].
+//! * **Speed** (H100, bf16, see `kernels/NOTES.md`): exact attention (G = 1)
+//!   runs at 0.97-1.28x PyTorch's FlashAttention-2; G = 2 with its plan at
+//!   0.67-0.99x: on this mma.sync path the K̂ fusion costs about what the
+//!   halved Q̂K̂ᵀ saves.
+//! * **Not checked on the device**: finiteness of the inputs (the CPU core
+//!   rejects NaN/inf; here they propagate to the output). Plan entries are
+//!   clamped to `head_dim - 1`, so a corrupt plan gives wrong numbers but no
+//!   out-of-bounds access.
+//!
+//! **Causality caveat** (as in the core): a block's plan is computed from
+//! all its rows, so with `causal` an output row may depend on later query
+//! rows of its own block (never on later keys or values).
+
+// Without the `cuda` feature the items the documentation links to do not exist.
+#![cfg_attr(not(feature = "cuda"), allow(rustdoc::broken_intra_doc_links))]
+
+#[cfg(feature = "cuda")]
+mod engine;
+#[cfg(feature = "cuda")]
+mod error;
+#[cfg(feature = "cuda")]
+mod params;
+#[cfg(feature = "cuda")]
+mod types;
+#[cfg(feature = "cuda")]
+pub mod validate;
+
+#[cfg(feature = "cuda")]
+pub use cust;
+#[cfg(feature = "cuda")]
+pub use distr_attention_core::{Config, DType, Fusion, GroupSizes, Layout, PlanShape, Problem};
+#[cfg(feature = "cuda")]
+pub use engine::{Engine, ImageKind};
+#[cfg(feature = "cuda")]
+pub use error::{Error, Result};
+#[cfg(feature = "cuda")]
+pub use types::{Bf16, GpuElement, GpuOutput, GpuPlan, GpuTensor, GpuTensorMut, F16};
+#[cfg(feature = "cuda")]
+pub use validate::{RawBuffer, RawPlan, RawTensor};
