@@ -165,8 +165,10 @@ pub fn plan_scratch_len(head_dim: usize) -> usize {
 /// * `out`: at least [`PlanShape::num_entries`] entries; written densely `[batch][heads][blocks][head_dim]`.
 /// * `scratch`: at least [`plan_scratch_len`] entries.
 ///
-/// Dot products are accumulated in f64, so the plan is the exact sign
-/// pattern of the f32-rounded inputs. Q must be finite.
+/// The plan is the sign pattern of the dot products accumulated in f64 (in
+/// row order) from the f32-rounded inputs. They are accumulated in f32 and
+/// the f64 sum is computed only where a rounding-error bound cannot rule out
+/// a different sign, so the result equals the f64 plan exactly. Q must be finite.
 pub fn plan_into<T: Element>(
     cfg: &Config<'_>,
     q: &Tensor<'_, T>,
@@ -207,25 +209,48 @@ pub fn plan_into<T: Element>(
             for blk in 0..shape.blocks {
                 let row0 = blk * cfg.block_rows;
                 let rows = (l.seq - row0).min(cfg.block_rows);
+                // Largest |R| of each projection over this block's rows.
+                let mut w_max = [0f32; crate::MAX_PROJECTIONS];
+                for proj in projections[..rows * p_count].chunks_exact(p_count) {
+                    for (m, &w) in w_max.iter_mut().zip(proj) {
+                        *m = m.max(w.abs());
+                    }
+                }
+                let bound = SignBound::new(rows);
                 // Four columns at a time share each row of R (and give the
-                // f64 accumulations independent dependency chains).
+                // accumulations independent dependency chains).
                 for j0 in (0..d).step_by(4) {
                     let cols = (d - j0).min(4);
-                    let mut acc = [[0f64; crate::MAX_PROJECTIONS]; 4];
+                    let mut acc = [[0f32; crate::MAX_PROJECTIONS]; 4];
+                    let mut x_abs = [0f32; 4];
                     for r in 0..rows {
                         let base = l.offset(b, row0 + r, h) + j0;
                         let proj = &projections[r * p_count..(r + 1) * p_count];
-                        for (a, x) in acc.iter_mut().zip(&q.data[base..base + cols]) {
-                            let x = x.to_f32() as f64;
+                        for ((a, n), x) in acc.iter_mut().zip(&mut x_abs).zip(&q.data[base..base + cols]) {
+                            let x = x.to_f32();
+                            *n += x.abs();
                             for (a, &w) in a.iter_mut().zip(proj) {
-                                *a += x * w as f64;
+                                *a += x * w;
                             }
                         }
                     }
-                    for (c, a) in acc[..cols].iter().enumerate() {
+                    for (c, (a, &xn)) in acc[..cols].iter().zip(&x_abs).enumerate() {
                         let mut code = 0u32;
                         for (p, &a) in a[..p_count].iter().enumerate() {
-                            code |= ((a > 0.0) as u32) << p;
+                            // The f32 sum decides the sign when it is provably the
+                            // sign of the f64 sum; otherwise (rare: near zero, or
+                            // out of f32 range) the f64 sum is computed.
+                            let positive = if bound.decides(a, xn, w_max[p]) {
+                                a > 0.0
+                            } else {
+                                let mut s = 0f64;
+                                for r in 0..rows {
+                                    let x = q.data[l.offset(b, row0 + r, h) + j0 + c].to_f32();
+                                    s += x as f64 * projections[r * p_count + p] as f64;
+                                }
+                                s > 0.0
+                            };
+                            code |= (positive as u32) << p;
                         }
                         // (key, column) packed so that sorting the integers is the stable sort.
                         keys[j0 + c] = ((inverse_gray(code) as u64) << 32) | (j0 + c) as u64;
@@ -240,6 +265,39 @@ pub fn plan_into<T: Element>(
         }
     }
     Ok(shape)
+}
+
+/// Decides when an f32 dot product of `n` terms has the sign of the same dot
+/// product accumulated in f64. Both differ from the exact sum by at most
+/// `gamma_n * sum |x_i w_i| <= gamma_n * max|w| * sum |x_i|` (`gamma_n =
+/// n u / (1 - n u)`, `u` the unit roundoff), plus at most `2^-149` per term
+/// where f32 products underflow. If `|f32 sum|` exceeds the sum of both bounds
+/// (with margin), the exact sum, and hence the f64 sum, has its sign.
+struct SignBound {
+    rel: f64,
+    abs: f64,
+}
+
+impl SignBound {
+    fn new(n: usize) -> Self {
+        let gamma = |u: f64| {
+            let nu = (n + 1) as f64 * u;
+            nu / (1.0 - nu).max(0.5)
+        };
+        let (u32_, u64_) = (f32::EPSILON as f64 / 2.0, f64::EPSILON / 2.0);
+        // A factor 2 covers the f32 rounding of sum |x_i| and of this bound itself.
+        SignBound {
+            rel: 2.0 * (gamma(u32_) + gamma(u64_)),
+            abs: 2.0 * (n as f64 + 1.0) * f32::from_bits(1) as f64,
+        }
+    }
+
+    /// `a`: the f32 sum; `x_abs`: the f32 sum of `|x_i|`; `w_max`: `max |w_i|`.
+    fn decides(&self, a: f32, x_abs: f32, w_max: f32) -> bool {
+        let bound = self.rel * x_abs as f64 * w_max as f64 + self.abs;
+        // False for NaN and infinities (f32 overflow): those fall back to f64.
+        a.is_finite() && (a.abs() as f64) > bound
+    }
 }
 
 /// Computes the plan of `q` under the config's grouping mode (allocating).
@@ -331,7 +389,74 @@ fn similarity_plan<T: Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::inverse_gray;
+    use super::*;
+    use crate::{Config, Layout, Tensor};
+    use alloc::vec::Vec;
+
+    /// The plan as ALGORITHM.md states it, written plainly: f64 dot products
+    /// in row order, inverse-Gray keys, stable sort by key.
+    fn plain_plan(cfg: &Config<'_>, q: &[f32], n: usize, d: usize) -> Vec<u16> {
+        let p_count = cfg.num_projections as usize;
+        let r = crate::projections(&Config { block_rows: cfg.block_rows.min(n), ..*cfg }).unwrap();
+        let mut out = Vec::new();
+        for row0 in (0..n).step_by(cfg.block_rows) {
+            let rows = (n - row0).min(cfg.block_rows);
+            let mut cols: Vec<(u32, u16)> = (0..d)
+                .map(|j| {
+                    let mut code = 0u32;
+                    for p in 0..p_count {
+                        let s: f64 = (0..rows).map(|i| q[(row0 + i) * d + j] as f64 * r[i * p_count + p] as f64).sum();
+                        code |= ((s > 0.0) as u32) << p;
+                    }
+                    (inverse_gray(code), j as u16)
+                })
+                .collect();
+            cols.sort_by_key(|&(key, _)| key); // stable
+            out.extend(cols.iter().map(|&(_, j)| j));
+        }
+        out
+    }
+
+    /// The f32 accumulation with its f64 fallback gives the f64 plan exactly,
+    /// also where dot products cancel to (nearly) zero or leave f32's range.
+    #[test]
+    fn fast_plan_equals_the_f64_plan_near_zero_and_at_the_range_limits() {
+        let (n, d, l) = (40usize, 16usize, 16usize);
+        let cfg = Config { block_rows: l, ..Config::with_group_size(2) };
+        let p_count = cfg.num_projections as usize;
+        let r = crate::projections(&Config { block_rows: l, ..cfg }).unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut fallbacks_expected = 0;
+        for scale in [1.0f32, 1e-42, 1e-30, 1e30, 3e37] {
+            let mut q: Vec<f32> = (0..n * d).map(|_| rand() * scale).collect();
+            // Make column j's dot product with projection j % P cancel: its
+            // last row in each block solves sum_i x_i w_i = 0 (rounded).
+            for row0 in (0..n).step_by(l) {
+                let rows = (n - row0).min(l);
+                for j in (0..d).step_by(2) {
+                    let p = j % p_count;
+                    let last = rows - 1;
+                    let partial: f64 =
+                        (0..last).map(|i| q[(row0 + i) * d + j] as f64 * r[i * p_count + p] as f64).sum();
+                    let x = (-partial / r[last * p_count + p] as f64) as f32;
+                    if x.is_finite() {
+                        q[(row0 + last) * d + j] = x;
+                        fallbacks_expected += 1;
+                    }
+                }
+            }
+            let layout = Layout::contiguous(1, n, 1, d);
+            let fast = plan(&cfg, &Tensor::new(&q, layout)).unwrap();
+            assert_eq!(fast.as_slice(), &plain_plan(&cfg, &q, n, d)[..], "scale {scale}");
+        }
+        assert!(fallbacks_expected > 0);
+    }
 
     #[test]
     fn inverse_gray_inverts_the_gray_code() {
