@@ -67,6 +67,15 @@ fn units() -> Vec<Unit> {
                     format!("DA_HEAD_DIM={d}"),
                 ],
             });
+            v.push(Unit {
+                name: format!("bwd_{dtype}_d{d}"),
+                source: "bwd.cu",
+                defines: vec![
+                    format!("DA_DTYPE={dtype}"),
+                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+                    format!("DA_HEAD_DIM={d}"),
+                ],
+            });
         }
     }
     v
@@ -110,7 +119,7 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu"] {
+    for f in ["common.cuh", "plan.cu", "fwd.cu", "bwd.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
     let Some(nvcc) = find_nvcc() else {

@@ -5,21 +5,27 @@
 # into .devbin/, carried to the GPU machine).
 #
 #   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [bench] [quick]
+#       [bwd-tests] [bwd-sanitizer] [bwd-bench]
+# bwd-*: the backward pass's tests, compute-sanitizer on smoke_backward, and
+# the training-step benchmark (bench --backward, sdpa_peer.py --backward).
+# DEVBIN=dir: where the packed binaries are (default .devbin); PEER=path:
+# the peer script (default cuda-driver/bench/sdpa_peer.py).
 set -uo pipefail
 out="${OUT:-device-out}"
 mkdir -p "$out" /tmp/devbin
 what="${*:-tests sanitizer bench}"
-for f in .devbin/*.xz; do xz -dc "$f" > "/tmp/devbin/$(basename "$f" .xz)"; done
+peer="${PEER:-cuda-driver/bench/sdpa_peer.py}"
+for f in "${DEVBIN:-.devbin}"/*.xz; do xz -dc "$f" > "/tmp/devbin/$(basename "$f" .xz)"; done
 chmod +x /tmp/devbin/*
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv | tee "$out/gpu.txt"
 status=0
-if [[ $what == *tests* ]]; then
+if [[ " $what " == *" tests "* ]]; then
     echo "== tests"
     /tmp/devbin/validation 2>&1 | tail -n 3 | tee "$out/validation.log" || status=1
     /tmp/devbin/gpu_tests --nocapture --test-threads 1 2>&1 | tee "$out/tests.log" | grep -vE "^\s+[0-9]+: |^\s+at " || status=1
     grep -q "test result: ok" "$out/tests.log" || status=1
 fi
-if [[ $what == *sanitizer* ]]; then
+if [[ " $what " == *" sanitizer "* ]]; then
     echo "== compute-sanitizer"
     for tool in memcheck racecheck synccheck initcheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 9 /tmp/devbin/smoke > "$out/sanitizer_$tool.log" 2>&1
@@ -28,10 +34,32 @@ if [[ $what == *sanitizer* ]]; then
         [ $rc -eq 0 ] || status=1
     done
 fi
-if [[ $what == *bench* ]]; then
+q=""; [[ $what == *quick* ]] && q="--quick"
+if [[ " $what " == *" bench "* ]]; then
     echo "== benchmark"
-    q=""; [[ $what == *quick* ]] && q="--quick"
     /tmp/devbin/bench --json "$out/ours.json" $q 2>&1 | tee "$out/bench.log" || status=1
-    PYTHONUNBUFFERED=1 python3 cuda-driver/bench/sdpa_peer.py --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
+    PYTHONUNBUFFERED=1 python3 "$peer" --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
+fi
+if [[ " $what " == *" bwd-tests "* ]]; then
+    echo "== backward tests"
+    /tmp/devbin/gpu_backward --nocapture --test-threads 6 2>&1 | tee "$out/bwd_tests.log" \
+        | grep -E "^test |worst|SKIPPED|panicked|over tolerance|^\{|test result" || status=1
+    grep -q "test result: ok" "$out/bwd_tests.log" || status=1
+fi
+if [[ " $what " == *" bwd-sanitizer "* ]]; then
+    echo "== compute-sanitizer (backward)"
+    for tool in ${SANITIZERS:-memcheck racecheck synccheck initcheck}; do
+        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 /tmp/devbin/smoke_backward \
+            > "$out/bwd_sanitizer_$tool.log" 2>&1
+        rc=$?
+        echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/bwd_sanitizer_$tool.log" | tail -n1)"
+        [ $rc -eq 0 ] || { status=1; tail -n 30 "$out/bwd_sanitizer_$tool.log"; }
+    done
+fi
+if [[ " $what " == *" bwd-bench "* ]]; then
+    echo "== training-step benchmark"
+    /tmp/devbin/bench --backward --json "$out/ours_bwd.json" $q 2>&1 | tee "$out/bwd_bench.log" || status=1
+    PYTHONUNBUFFERED=1 python3 "$peer" --backward --ours "$out/ours_bwd.json" $q 2>&1 | tee "$out/bwd_peer.log" \
+        | grep -v '^{' || status=1
 fi
 exit $status

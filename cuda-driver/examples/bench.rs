@@ -10,11 +10,19 @@
 //! attention it replaces).
 //!
 //! ```text
-//! bench [--json PATH] [--warmup N] [--reps N] [--quick]
+//! bench [--json PATH] [--warmup N] [--reps N] [--quick] [--backward]
 //! ```
 //! `cuda-driver/bench/sdpa_peer.py --ours PATH` runs PyTorch's SDPA
 //! (FlashAttention-2 and cuDNN backends) on the same shapes and prints the
 //! joint table with ratios.
+//!
+//! `--backward` times training steps instead (forward with LSE, then the
+//! backward pass; bf16 O, dO and gradients, as PyTorch's autograd has them)
+//! on N in {1024, 4096}: G = 1 (forward + backward) and G = 2 (plan +
+//! forward + backward), each also split into its forward and backward
+//! times. Effective TFLOP/s = 14·B·H·N²·D / time (forward 4, backward 10),
+//! halved for causal. `sdpa_peer.py --backward --ours PATH` times
+//! `torch.autograd.grad` through SDPA on the same shapes.
 
 use std::io::Write;
 
@@ -32,10 +40,11 @@ struct Args {
     warmup: usize,
     reps: usize,
     quick: bool,
+    backward: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { json: None, warmup: 3, reps: 10, quick: false };
+    let mut a = Args { json: None, warmup: 3, reps: 10, quick: false, backward: false };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -43,6 +52,7 @@ fn args() -> Args {
             "--warmup" => a.warmup = it.next().and_then(|s| s.parse().ok()).expect("--warmup N"),
             "--reps" => a.reps = it.next().and_then(|s| s.parse().ok()).expect("--reps N"),
             "--quick" => a.quick = true,
+            "--backward" => a.backward = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -98,6 +108,11 @@ fn main() {
     let mut dplan: DeviceBuffer<u16> = DeviceBuffer::from_slice(&vec![0u16; TOKENS / 64 * WIDTH]).unwrap();
 
     let mut json = a.json.as_ref().map(|p| std::fs::File::create(p).expect("json output"));
+    if a.backward {
+        drop((dout, dplan));
+        backward::run(&a, &engine, &stream, (&dq, &dk, &dv), &mut host, json.as_mut());
+        return;
+    }
     println!(
         "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} | TFLOP/s: {:>5} {:>5} {:>5} {:>6} {:>5} {:>6}",
         "D", "N", "causal", "B", "H", "plan ms", "G1 ms", "G2 ms", "G4 ms", "G2+pl", "G4+pl", "G2 l64", "G1", "G2", "G4", "G2+pl",
@@ -171,6 +186,144 @@ fn main() {
                          \"g2_l64_ms\": {g2_64}}}"
                     )
                     .unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// `--backward`: training-step timings (forward with LSE + backward).
+mod backward {
+    use super::*;
+    use distr_attention_core::{DType, Problem};
+    use distr_attention_cuda::{backward_workspace_len, GpuForward, GpuGradients};
+
+    pub fn run(
+        a: &Args,
+        engine: &Engine,
+        stream: &Stream,
+        (dq, dk, dv): (&DeviceBuffer<Bf16>, &DeviceBuffer<Bf16>, &DeviceBuffer<Bf16>),
+        host: &mut [Bf16],
+        mut json: Option<&mut std::fs::File>,
+    ) {
+        let len = TOKENS * WIDTH;
+        // dO: random, unlike the other inputs' values (reversed order).
+        host.reverse();
+        let d_out: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(host).unwrap();
+        let zeros = vec![Bf16::default(); len];
+        let mut out: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(&zeros).unwrap();
+        let (mut gq, mut gk, mut gv): (DeviceBuffer<Bf16>, DeviceBuffer<Bf16>, DeviceBuffer<Bf16>) = (
+            DeviceBuffer::from_slice(&zeros).unwrap(),
+            DeviceBuffer::from_slice(&zeros).unwrap(),
+            DeviceBuffer::from_slice(&zeros).unwrap(),
+        );
+        drop(zeros);
+        let mut dplan: DeviceBuffer<u16> =
+            DeviceBuffer::from_slice(&vec![0u16; TOKENS / 64 * WIDTH]).unwrap();
+        let probe = Problem::new(
+            &Layout::contiguous(1, TOKENS, WIDTH / 32, 32),
+            &Layout::contiguous(1, TOKENS, WIDTH / 32, 32),
+            &Layout::contiguous(1, TOKENS, WIDTH / 32, 32),
+        )
+        .unwrap();
+        // The largest workspace of the shapes (B·H·N is largest at D = 32; D = 64 and 128 need less).
+        let ws_len = backward_workspace_len(&probe, DType::BF16).unwrap();
+        let mut ws: DeviceBuffer<f32> = DeviceBuffer::from_slice(&vec![0f32; ws_len]).unwrap();
+        println!(
+            "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | TFLOP/s: {:>5} {:>5}",
+            "D", "N", "causal", "B", "H", "plan ms", "G1 fwd", "G1 bwd", "G1 f+b", "G2 fwd", "G2 bwd", "G2 p+f+b",
+            "G1", "G2"
+        );
+        let dims: &[usize] = if a.quick { &[128] } else { &[64, 128] };
+        let lens: &[usize] = if a.quick { &[4096] } else { &[1024, 4096] };
+        for &d in dims {
+            for &n in lens {
+                for causal in [false, true] {
+                    let (b, h) = (TOKENS / n, WIDTH / d);
+                    let layout = Layout::contiguous(b, n, h, d);
+                    let (tq, tk, tv) =
+                        (GpuTensor::new(dq, layout), GpuTensor::new(dk, layout), GpuTensor::new(dv, layout));
+                    let cfg = |g: usize| Config { block_rows: 128, causal, ..Config::with_group_size(g) };
+                    let (c1, c2) = (cfg(1), cfg(2));
+                    let shape = PlanShape::new(&c2, &layout).unwrap();
+                    let (w, r) = (a.warmup, a.reps);
+                    let mut lse: DeviceBuffer<f32> =
+                        DeviceBuffer::from_slice(&vec![0f32; b * h * n]).unwrap();
+                    // One step: [plan] + forward (with LSE) when `fwd`, backward when `bwd`.
+                    let mut step = |c: &Config<'_>, plan: bool, fwd: bool, bwd: bool| {
+                        let uses_plan = c.group_size(0) > 1;
+                        time(stream, w, r, || {
+                            if plan {
+                                engine.plan(c, &tq, &mut dplan, stream).unwrap();
+                            }
+                            let gp = GpuPlan::new(&dplan, shape);
+                            if fwd {
+                                engine
+                                    .attention(
+                                        c,
+                                        uses_plan.then_some(&gp),
+                                        &tq,
+                                        &tk,
+                                        &tv,
+                                        &mut GpuTensorMut::new(&mut out, layout),
+                                        Some(&mut lse),
+                                        stream,
+                                    )
+                                    .unwrap();
+                            }
+                            if bwd {
+                                let f = GpuForward {
+                                    o: GpuTensor::new(&out, layout),
+                                    lse: &lse,
+                                    d_out: GpuTensor::new(&d_out, layout),
+                                };
+                                let mut g = GpuGradients {
+                                    dq: GpuTensorMut::new(&mut gq, layout),
+                                    dk: GpuTensorMut::new(&mut gk, layout),
+                                    dv: GpuTensorMut::new(&mut gv, layout),
+                                };
+                                engine
+                                    .attention_backward(
+                                        c,
+                                        uses_plan.then_some(&gp),
+                                        &tq,
+                                        &tk,
+                                        &tv,
+                                        &f,
+                                        &mut g,
+                                        &mut ws,
+                                        stream,
+                                    )
+                                    .unwrap();
+                            }
+                        })
+                    };
+                    let plan_ms = step(&c2, true, false, false);
+                    // G = 1: forward alone, then backward alone on its O and LSE, then both.
+                    let g1_fwd = step(&c1, false, true, false);
+                    let g1_bwd = step(&c1, false, false, true);
+                    let g1_total = step(&c1, false, true, true);
+                    // G = 2: the plan buffer holds this Q's plan (computed above).
+                    let g2_fwd = step(&c2, false, true, false);
+                    let g2_bwd = step(&c2, false, false, true);
+                    let g2_total = step(&c2, true, true, true);
+                    let flops =
+                        14.0 * (b * h) as f64 * (n * n) as f64 * d as f64 / if causal { 2.0 } else { 1.0 };
+                    let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+                    println!(
+                        "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1_fwd:>8.3} {g1_bwd:>8.3} {g1_total:>8.3} | {g2_fwd:>8.3} {g2_bwd:>8.3} {g2_total:>8.3} | {:>14.1} {:>5.1}",
+                        tf(g1_total),
+                        tf(g2_total)
+                    );
+                    if let Some(f) = json.as_mut() {
+                        writeln!(
+                            f,
+                            "{{\"d\": {d}, \"n\": {n}, \"causal\": {causal}, \"b\": {b}, \"h\": {h}, \"plan_ms\": {plan_ms}, \
+                             \"g1_fwd_ms\": {g1_fwd}, \"g1_bwd_ms\": {g1_bwd}, \"g1_total_ms\": {g1_total}, \
+                             \"g2_fwd_ms\": {g2_fwd}, \"g2_bwd_ms\": {g2_bwd}, \"g2_total_ms\": {g2_total}}}"
+                        )
+                        .unwrap();
+                    }
                 }
             }
         }

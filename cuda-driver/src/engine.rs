@@ -17,7 +17,7 @@ use crate::validate::{check_attention, check_plan, i64_of, RawBuffer, RawPlan, R
 
 /// The three images of one translation unit.
 pub(crate) struct ModuleImage {
-    name: &'static str,
+    pub(crate) name: &'static str,
     sm90a: &'static [u8],
     sm80: &'static [u8],
     ptx: &'static [u8],
@@ -27,7 +27,7 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 const THREADS: u32 = 128;
 /// Largest grid y and z extent.
-const GRID_YZ_MAX: usize = 65535;
+pub(crate) const GRID_YZ_MAX: usize = 65535;
 
 /// Which compiled image a context runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,13 +61,13 @@ impl ImageKind {
 }
 
 #[derive(Clone, Copy)]
-struct Func {
-    handle: usize, // CUfunction
-    smem: u32,
+pub(crate) struct Func {
+    pub(crate) handle: usize, // CUfunction
+    pub(crate) smem: u32,
 }
 
 /// The modules of one context (loaded lazily, one translation unit at a time).
-struct Loaded {
+pub(crate) struct Loaded {
     ctx: usize, // CUcontext
     image: ImageKind,
     modules: Mutex<HashMap<&'static str, usize>>, // CUmodule
@@ -153,7 +153,7 @@ impl Loaded {
     /// shared-memory size is read from the device constant `<name>_smem` and
     /// the kernel's limit raised to it; otherwise the launch passes its own
     /// size (at most 48 KiB).
-    fn function(&self, module: &'static str, name: &str, smem_symbol: bool) -> Result<Func> {
+    pub(crate) fn function(&self, module: &'static str, name: &str, smem_symbol: bool) -> Result<Func> {
         if let Some(&f) = self.funcs.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(f);
         }
@@ -193,7 +193,7 @@ impl Loaded {
 /// waiting; errors of the asynchronous work surface at the caller's next
 /// synchronisation.
 pub struct Engine {
-    loaded: Arc<Loaded>,
+    pub(crate) loaded: Arc<Loaded>,
     capability: (i32, i32),
     sm_count: usize,
     projections: Mutex<HashMap<(u64, usize, u32), DeviceBuffer<f32>>>,
@@ -254,7 +254,7 @@ impl Engine {
         self.loaded.image
     }
 
-    fn ensure_context(&self) -> Result<()> {
+    pub(crate) fn ensure_context(&self) -> Result<()> {
         if current_context()? != self.loaded.ctx {
             return Err(Error::Cuda {
                 call: "cuCtxGetCurrent",
@@ -559,7 +559,7 @@ impl Engine {
     }
 }
 
-fn raw_tensor<T: cust::memory::DeviceCopy>(
+pub(crate) fn raw_tensor<T: cust::memory::DeviceCopy>(
     data: &DeviceSlice<T>,
     layout: distr_attention_core::Layout,
     dtype: DType,

@@ -66,6 +66,8 @@
 #![cfg_attr(not(feature = "cuda"), allow(rustdoc::broken_intra_doc_links))]
 
 #[cfg(feature = "cuda")]
+mod backward;
+#[cfg(feature = "cuda")]
 mod engine;
 #[cfg(feature = "cuda")]
 mod error;
@@ -76,6 +78,10 @@ mod types;
 #[cfg(feature = "cuda")]
 pub mod validate;
 
+#[cfg(feature = "cuda")]
+pub use backward::{
+    backward_workspace_len, check_backward, GpuForward, GpuGradients, RawForward, RawGradients,
+};
 #[cfg(feature = "cuda")]
 pub use cust;
 #[cfg(feature = "cuda")]
