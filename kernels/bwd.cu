@@ -5,17 +5,18 @@
 // Three kernels per (DA_DTYPE, DA_HEAD_DIM) translation unit:
 //
 //   da_bwd_prep   per query row: Delta = rowsum(dO o O) (f32), zeroes the
-//                 row's dQhat accumulator, and converts an f32 dO to the
-//                 input type (the main kernel's mma operand).
+//                 row's dQhat accumulator, converts an f32 dO to the input
+//                 type (the main kernel's mma operand), and for G > 1 writes
+//                 the row's Qhat (d/G columns, padded) and Qtilde (Qhat
+//                 expanded to d columns: column j holds its group's Qhat) to
+//                 the workspace, once per row instead of once per key tile.
 //   da_bwd        one CTA (8 warps) per (key tile of BN = 128 keys, KV head,
 //                 batch). K and V stay in shared memory; dK and dV stay in
 //                 registers (warp w owns keys 16w..16w+15 at full width)
 //                 while the CTA walks the query heads that read this KV head
 //                 (GQA: the sum over heads happens here, no atomics) and
 //                 their query tiles of BM = 64 rows (one plan block each):
-//                   G > 1: Qhat^T (d/G columns), Qtilde^T (Qhat expanded to
-//                          d columns: column j holds its group's Qhat) from
-//                          Q; Khat^T re-fused from K when the plan block changes;
+//                   G > 1: Khat^T re-fused from K when the plan block changes;
 //                   S^T  = Khat Qhat^T          (k = d/G)
 //                   P^T  = exp(scale S^T - LSE) (masked)
 //                   dP^T = V dO^T               (k = d)
@@ -23,9 +24,11 @@
 //                   dV  += P^T dO               (k = BM)
 //                   dK  += dS^T Qtilde          (k = BM, d columns: the
 //                          plan changes per query block, so dKhat cannot be
-//                          kept in registers in a fixed order)
+//                          kept in registers in a fixed column order)
 //                   dQhat = dS Khat             (k = BN, d/G columns),
 //                          atomically added (f32) to a per-row accumulator.
+//                 One barrier per query tile (dS^T and Khat^T double-buffered),
+//                 plus one when Khat^T is re-fused.
 //   da_bwd_dq     per query row: dQ from the accumulator through the fusion
 //                 (Mean: dQhat/G to every column of the group; Sample: dQhat
 //                 to the sampled column, 0 to the others), times scale.
@@ -57,6 +60,8 @@ struct BwdParams {
     const void* k;        // [batch, kv_len, kv_heads, d]
     const void* v;        // [batch, kv_len, kv_heads, d]
     const void* d_out;    // [batch, q_len, q_heads, d], input type
+    const void* qhat;     // [batch][q_heads][q_len][d]: Qhat rows (KW columns), G > 1
+    const void* qtil;     // [batch][q_heads][q_len][d]: Qtilde rows, G > 1
     const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when G = 1
     const float* lse;     // dense [batch, q_heads, q_len], natural log
     const float* delta;   // dense [batch, q_heads, q_len]
@@ -84,6 +89,9 @@ struct BwdParams {
 
 // Parameters of da_bwd_prep and da_bwd_dq. Strides in elements.
 struct BwdRowParams {
+    const void* q;        // [batch, q_len, q_heads, d], input type (read when group > 1)
+    void* qhat;           // [batch][q_heads][q_len][d] input type: Qhat, first KW columns (group > 1)
+    void* qtil;           // [batch][q_heads][q_len][d] input type: Qtilde (group > 1)
     const void* o;        // [batch, q_len, q_heads, d], f32 or the input type
     const void* d_out;    // same shape, f32 or the input type
     void* do_conv;        // dense [batch][q_heads][q_len][d] input type, written when do_f32
@@ -91,6 +99,7 @@ struct BwdRowParams {
     float* dq_acc;        // [batch][q_heads][q_len][d]
     const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when group == 1
     void* dq;             // [batch, q_len, q_heads, d], f32 or the input type
+    long long q_batch_stride, q_row_stride, q_head_stride;
     long long o_batch_stride, o_row_stride, o_head_stride;
     long long do_batch_stride, do_row_stride, do_head_stride;
     long long dq_batch_stride, dq_row_stride, dq_head_stride;
@@ -101,8 +110,8 @@ struct BwdRowParams {
     uint16_t head_map[DA_HEAD_MAP_MAX];
 };
 
-static_assert(sizeof(BwdParams) == 1304, "BwdParams layout (cuda-driver/src/backward.rs)");
-static_assert(sizeof(BwdRowParams) == 688, "BwdRowParams layout (cuda-driver/src/backward.rs)");
+static_assert(sizeof(BwdParams) == 1320, "BwdParams layout (cuda-driver/src/backward.rs)");
+static_assert(sizeof(BwdRowParams) == 736, "BwdRowParams layout (cuda-driver/src/backward.rs)");
 
 namespace da {
 
@@ -120,38 +129,44 @@ struct BwdTraits {
     static constexpr int DG = D / G;                 // fused columns
     static constexpr int KW = (DG + 15) / 16 * 16;   // padded to the mma's k
     static constexpr bool kFused = G > 1;
-    // dQhat = dS Khat: warps 4 (16-row slices of BM) x kDqN (column halves of KW).
-    static constexpr int kDqN = KW >= 32 ? 2 : 1;
-    static constexpr int NQ = KW / kDqN;             // columns per warp
-    // Shared-memory pitches in bytes. Q and K tiles read by column gathers
-    // (fused path) get a 4-byte pad (32 rows at one column hit 32 banks);
-    // ldmatrix operands a 16-byte pad.
+    static constexpr int KA = kFused ? KW : D;       // columns of S's query operand
+    // dQhat = dS Khat: warps 4 (16-row slices of BM) x kDqN (column halves of KA).
+    static constexpr int kDqN = KA >= 32 ? 2 : 1;
+    static constexpr int NQ = KA / kDqN;             // columns per warp
+    // Shared-memory pitches in bytes: ldmatrix operands get a 16-byte pad
+    // (8 rows hit 8 distinct 16-byte bank groups); the fused path's K tile,
+    // read by column gathers, a 4-byte pad (32 keys at one column hit 32 banks).
     static constexpr int kPitchK = kFused ? D * 2 + 4 : D * 2 + 16;
-    static constexpr int kPitchQ = kFused ? D * 2 + 4 : D * 2 + 16;
     static constexpr int kPitchV = D * 2 + 16;
+    static constexpr int kPitchQa = KA * 2 + 16;    // Q (G = 1) or Qhat [BM][KA]
+    static constexpr int kPitchQb = D * 2 + 16;     // Qtilde [BM][D] (G > 1)
     static constexpr int kPitchDO = D * 2 + 16;
-    static constexpr int kPitchQhT = BM * 2 + 16;   // Qhat^T [KW][BM]
-    static constexpr int kPitchQtT = BM * 2 + 16;   // Qtilde^T [D][BM]
     static constexpr int kPitchKhT = BN * 2 + 16;   // Khat^T [KW][BN]
     static constexpr int kPitchDS = BM * 2 + 16;    // dS^T [BN][BM]
     static constexpr int align16(int x) { return (x + 15) / 16 * 16; }
-    static constexpr int kQBytes = align16(BM * kPitchQ);
+    static constexpr int kQaBytes = BM * kPitchQa;
+    static constexpr int kQbBytes = BM * kPitchQb;
     static constexpr int kDOBytes = BM * kPitchDO;
+    static constexpr int kKhBytes = KW * kPitchKhT;
+    static constexpr int kDSBytes = BN * kPitchDS;
+    // Item buffers (Qa, Qb, dO, LSE, Delta, plan row) are double-buffered:
+    // item i+1 loads while item i computes. dS^T and Khat^T are too, so one
+    // barrier per item suffices.
     static constexpr int kOffK = 0;
     static constexpr int kOffV = kOffK + align16(BN * kPitchK);
-    static constexpr int kOffQ = kOffV + BN * kPitchV;              // two buffers
-    static constexpr int kOffDO = kOffQ + 2 * kQBytes;              // two buffers
-    static constexpr int kOffQh = kOffDO + 2 * kDOBytes;
-    static constexpr int kOffQt = kOffQh + (kFused ? KW * kPitchQhT : 0);
-    static constexpr int kOffKh = kOffQt + (kFused ? D * kPitchQtT : 0);
-    static constexpr int kOffDS = kOffKh + (kFused ? KW * kPitchKhT : 0);
-    static constexpr int kOffLse = kOffDS + BN * kPitchDS;          // [2][BM] f32
+    static constexpr int kOffQa = kOffV + BN * kPitchV;
+    static constexpr int kOffQb = kOffQa + 2 * kQaBytes;
+    static constexpr int kOffDO = kOffQb + (kFused ? 2 * kQbBytes : 0);
+    static constexpr int kOffKh = kOffDO + 2 * kDOBytes;
+    static constexpr int kOffDS = kOffKh + (kFused ? 2 * kKhBytes : 0);
+    static constexpr int kOffLse = kOffDS + 2 * kDSBytes;           // [2][BM] f32
     static constexpr int kOffDelta = kOffLse + 2 * BM * 4;          // [2][BM] f32
     static constexpr int kOffPerm = kOffDelta + 2 * BM * 4;         // [2][D] u16
     static constexpr int kSmem = kOffPerm + (kFused ? 2 * D * 2 : 0);
     static_assert(D % 16 == 0 && D % G == 0 && DG % 4 == 0, "head_dim");
     static_assert(BM % QC == 0 && QC % 16 == 0, "query passes");
     static_assert(NQ % 16 == 0 || kDqN == 1, "dQhat column split");
+    static_assert(kSmem <= 227 * 1024, "shared memory");
 };
 
 // Sum of a group's K values for one key, rounded once to T: the same
@@ -185,7 +200,7 @@ template <typename T, int D, int G>
 __device__ __forceinline__ void bwd_body(const BwdParams& p) {
     using Tr = BwdTraits<D, G>;
     using Nm = Num<T>;
-    constexpr int BM = Tr::BM, BN = Tr::BN, QC = Tr::QC, KW = Tr::KW, DG = Tr::DG;
+    constexpr int BM = Tr::BM, BN = Tr::BN, QC = Tr::QC, KW = Tr::KW, KA = Tr::KA, DG = Tr::DG;
     constexpr int QT = QC / 8;   // n8 tiles of one S^T pass
     constexpr int DT = D / 8;    // n8 tiles of dK, dV
     constexpr bool kBf16 = Nm::kBf16;
@@ -193,10 +208,9 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* s_k = smem + Tr::kOffK;
     unsigned char* s_v = smem + Tr::kOffV;
-    unsigned char* s_q = smem + Tr::kOffQ;
+    unsigned char* s_qa = smem + Tr::kOffQa;
+    unsigned char* s_qb = smem + Tr::kOffQb;
     unsigned char* s_do = smem + Tr::kOffDO;
-    unsigned char* s_qh = smem + Tr::kOffQh;
-    unsigned char* s_qt = smem + Tr::kOffQt;
     unsigned char* s_kh = smem + Tr::kOffKh;
     unsigned char* s_ds = smem + Tr::kOffDS;
     float* s_lse = reinterpret_cast<float*>(smem + Tr::kOffLse);
@@ -234,59 +248,81 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
     const T* vg = static_cast<const T*>(p.v) + (long long)b * p.v_batch_stride + (long long)hk * p.v_head_stride;
 
     // ---- asynchronous tile loads (rows past the end are zero-filled) ----
-    auto load_tile = [&](auto nrows_c, auto chunk_c, unsigned char* dst, int pitch, const T* src,
+    // NROWS rows of W elements in CHUNK-byte copies; compile-time trip counts.
+    auto load_tile = [&](auto nrows_c, auto width_c, auto chunk_c, unsigned char* dst, int pitch, const T* src,
                          long long row_stride, int rows_valid) {
-        constexpr int NROWS = decltype(nrows_c)::value, CHUNK = decltype(chunk_c)::value;
-        constexpr int kPerRow = D * 2 / CHUNK;
-        static_assert(kBwdThreads % kPerRow == 0 && (NROWS * kPerRow) % kBwdThreads == 0, "tile split");
-        constexpr int kRowsPerIter = kBwdThreads / kPerRow;
-        constexpr int kIters = NROWS * kPerRow / kBwdThreads;
-        const int r0 = tid / kPerRow, ch = tid % kPerRow;
-        const T* g = src + (long long)r0 * row_stride + ch * (CHUNK / 2);
-        const long long step = (long long)kRowsPerIter * row_stride;
-        const uint32_t s = smem_addr(dst) + r0 * pitch + ch * CHUNK;
-        if (rows_valid >= NROWS) {
+        constexpr int NROWS = decltype(nrows_c)::value, W = decltype(width_c)::value;
+        constexpr int CHUNK = decltype(chunk_c)::value;
+        constexpr int kPerRow = W * 2 / CHUNK;
+        constexpr int kTotal = NROWS * kPerRow;
+        if constexpr (kBwdThreads % kPerRow == 0 && kTotal % kBwdThreads == 0) {
+            constexpr int kRowsPerIter = kBwdThreads / kPerRow;
+            constexpr int kIters = kTotal / kBwdThreads;
+            const int r0 = tid / kPerRow, ch = tid % kPerRow;
+            const T* g = src + (long long)r0 * row_stride + ch * (CHUNK / 2);
+            const long long step = (long long)kRowsPerIter * row_stride;
+            const uint32_t s = smem_addr(dst) + r0 * pitch + ch * CHUNK;
+            if (rows_valid >= NROWS) {
 #pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                if constexpr (CHUNK == 16) {
-                    cp_async16(s + it * kRowsPerIter * pitch, g);
-                } else {
-                    cp_async4(s + it * kRowsPerIter * pitch, g);
+                for (int it = 0; it < kIters; ++it) {
+                    if constexpr (CHUNK == 16) {
+                        cp_async16(s + it * kRowsPerIter * pitch, g);
+                    } else {
+                        cp_async4(s + it * kRowsPerIter * pitch, g);
+                    }
+                    g += step;
                 }
-                g += step;
+            } else {
+#pragma unroll 4
+                for (int it = 0; it < kIters; ++it) {
+                    const bool ok = r0 + it * kRowsPerIter < rows_valid;
+                    if constexpr (CHUNK == 16) {
+                        cp_async16(s + it * kRowsPerIter * pitch, ok ? g : src, ok);
+                    } else {
+                        cp_async4(s + it * kRowsPerIter * pitch, ok ? g : src, ok);
+                    }
+                    g += step;
+                }
             }
         } else {
-#pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                const bool ok = r0 + it * kRowsPerIter < rows_valid;
-                if constexpr (CHUNK == 16) {
-                    cp_async16(s + it * kRowsPerIter * pitch, ok ? g : src, ok);
-                } else {
-                    cp_async4(s + it * kRowsPerIter * pitch, ok ? g : src, ok);
-                }
-                g += step;
+            // Narrow tiles (fewer copies than threads): one copy per thread at most.
+            static_assert(kTotal < kBwdThreads && CHUNK == 16, "narrow tile");
+            if (tid < kTotal) {
+                const int r = tid / kPerRow, ch = tid % kPerRow;
+                const bool ok = r < rows_valid;
+                cp_async16(smem_addr(dst) + r * pitch + ch * CHUNK,
+                           ok ? src + (long long)r * row_stride + ch * (CHUNK / 2) : src, ok);
             }
         }
     };
     using C4 = std::integral_constant<int, 4>;
     using C16 = std::integral_constant<int, 16>;
-    using CG = std::conditional_t<Tr::kFused, C4, C16>;   // 4-byte copies: conflict-free gathers
+    using CK = std::conditional_t<Tr::kFused, C4, C16>;   // 4-byte copies: conflict-free gathers
     using CBM = std::integral_constant<int, BM>;
     using CBN = std::integral_constant<int, BN>;
+    using CD = std::integral_constant<int, D>;
+    using CKA = std::integral_constant<int, KA>;
 
     auto item_head = [&](int it) { return head_of(it / per_head); };
     auto item_row0 = [&](int it) { return (mt_begin + it % per_head) * BM; };
-    // Q, dO, LSE, Delta (and the plan row) of item `it` into buffer it % 2.
+    // Qa (Q or Qhat), Qb (Qtilde), dO, LSE, Delta (and the plan row) of item `it` into buffer it % 2.
     auto load_item = [&](int it) {
         const int buf = it & 1, h = item_head(it), m0 = item_row0(it);
         const int rows = n_q - m0;
-        const T* qg = static_cast<const T*>(p.q) + (long long)b * p.q_batch_stride + (long long)h * p.q_head_stride +
-                      (long long)m0 * p.q_row_stride;
+        const long long row_base = ((long long)b * p.q_heads + h) * n_q + m0;
         const T* dog = static_cast<const T*>(p.d_out) + (long long)b * p.do_batch_stride +
                        (long long)h * p.do_head_stride + (long long)m0 * p.do_row_stride;
-        load_tile(CBM{}, CG{}, s_q + buf * Tr::kQBytes, Tr::kPitchQ, qg, p.q_row_stride, rows);
-        load_tile(CBM{}, C16{}, s_do + buf * Tr::kDOBytes, Tr::kPitchDO, dog, p.do_row_stride, rows);
-        const long long row_base = ((long long)b * p.q_heads + h) * n_q + m0;
+        if constexpr (Tr::kFused) {
+            load_tile(CBM{}, CKA{}, C16{}, s_qa + buf * Tr::kQaBytes, Tr::kPitchQa,
+                      static_cast<const T*>(p.qhat) + row_base * D, D, rows);
+            load_tile(CBM{}, CD{}, C16{}, s_qb + buf * Tr::kQbBytes, Tr::kPitchQb,
+                      static_cast<const T*>(p.qtil) + row_base * D, D, rows);
+        } else {
+            const T* qg = static_cast<const T*>(p.q) + (long long)b * p.q_batch_stride +
+                          (long long)h * p.q_head_stride + (long long)m0 * p.q_row_stride;
+            load_tile(CBM{}, CD{}, C16{}, s_qa + buf * Tr::kQaBytes, Tr::kPitchQa, qg, p.q_row_stride, rows);
+        }
+        load_tile(CBM{}, CD{}, C16{}, s_do + buf * Tr::kDOBytes, Tr::kPitchDO, dog, p.do_row_stride, rows);
         if (tid < BM) {
             const bool ok = tid < rows;
             cp_async4(smem_addr(s_lse + buf * BM + tid), ok ? p.lse + row_base + tid : p.lse, ok);
@@ -303,16 +339,17 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
         }
     };
 
-    load_tile(CBN{}, CG{}, s_k, Tr::kPitchK, kg + (long long)n0 * p.k_row_stride, p.k_row_stride, n_kv - n0);
-    load_tile(CBN{}, C16{}, s_v, Tr::kPitchV, vg + (long long)n0 * p.v_row_stride, p.v_row_stride, n_kv - n0);
+    load_tile(CBN{}, CD{}, CK{}, s_k, Tr::kPitchK, kg + (long long)n0 * p.k_row_stride, p.k_row_stride, n_kv - n0);
+    load_tile(CBN{}, CD{}, C16{}, s_v, Tr::kPitchV, vg + (long long)n0 * p.v_row_stride, p.v_row_stride, n_kv - n0);
     load_item(0);
     cp_async_commit();
     if constexpr (Tr::kFused && KW > DG) {
-        // Rows t >= d/G of Qhat^T and Khat^T (padding up to the mma's k) stay zero.
-        for (int i = tid; i < (KW - DG) * BM; i += kBwdThreads)
-            reinterpret_cast<T*>(s_qh + (DG + i / BM) * Tr::kPitchQhT)[i % BM] = Nm::from_float(0.f);
-        for (int i = tid; i < (KW - DG) * BN; i += kBwdThreads)
-            reinterpret_cast<T*>(s_kh + (DG + i / BN) * Tr::kPitchKhT)[i % BN] = Nm::from_float(0.f);
+        // Rows t >= d/G of both Khat^T buffers (padding up to the mma's k) stay zero.
+        for (int i = tid; i < 2 * (KW - DG) * BN; i += kBwdThreads) {
+            const int buf = i / ((KW - DG) * BN), rem = i % ((KW - DG) * BN);
+            reinterpret_cast<T*>(s_kh + buf * Tr::kKhBytes + (DG + rem / BN) * Tr::kPitchKhT)[rem % BN] =
+                Nm::from_float(0.f);
+        }
     }
 
     float acc_dk[DT][4], acc_dv[DT][4];
@@ -335,7 +372,8 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
     const int rt = lane % 8 + (lane / 16) * 8, ct = ((lane / 8) % 2) * 8;
     const float scale_log2 = p.scale_log2;
     constexpr float kLog2e = 1.4426950408889634f;
-    int fused_key = -1;   // (head, plan block) whose Khat^T is in s_kh
+    int fused_key = -1;   // (head, plan block) whose Khat^T is in buffer kb
+    int kb = 1;
 
     cp_async_wait<0>();
     __syncthreads();
@@ -344,67 +382,35 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
         const int buf = it & 1, h = item_head(it), m0 = item_row0(it);
         if (it + 1 < n_items) load_item(it + 1);
         cp_async_commit();
-        const unsigned char* qb = s_q + buf * Tr::kQBytes;
-        const unsigned char* dob = s_do + buf * Tr::kDOBytes;
+        const uint32_t qa = smem_addr(s_qa + buf * Tr::kQaBytes);
+        const uint32_t qb = smem_addr(Tr::kFused ? s_qb + buf * Tr::kQbBytes : s_qa + buf * Tr::kQaBytes);
+        const uint32_t dob = smem_addr(s_do + buf * Tr::kDOBytes);
+        unsigned char* dsb = s_ds + buf * Tr::kDSBytes;
 
         if constexpr (Tr::kFused) {
-            // Gathers in flight per lane: bounded so that dK and dV stay in registers.
-            constexpr int kGatherRegs = D == 128 ? 8 : 16;
-            const uint16_t* perm = s_perm + buf * D;
-            // Qhat^T[t][m] and Qtilde^T[j][m] for j in group t. Tasks (t, 32-row half):
-            // lanes = rows, so the gathers hit 32 banks and the stores are contiguous.
-            constexpr int kTasks = DG * (BM / 32);
-            constexpr int kPerWarp = kTasks / Tr::kWarps;
-            static_assert(kTasks % Tr::kWarps == 0, "Qhat tasks");
-            constexpr int kChunk = kPerWarp * G <= kGatherRegs ? kPerWarp : (kGatherRegs / G > 0 ? kGatherRegs / G : 1);
-            static_assert(kPerWarp % kChunk == 0, "Qhat chunks");
-            // Not unrolled: unrolled, the hoisted addresses spill.
-#pragma unroll 1
-            for (int c0 = 0; c0 < kPerWarp; c0 += kChunk) {
-                T e[kChunk][G];
-                int off[kChunk][G];
-#pragma unroll
-                for (int ci = 0; ci < kChunk; ++ci) {
-                    const int task = (c0 + ci) * Tr::kWarps + warp;
-                    const int t = task % DG, m = (task / DG) * 32 + lane;
-#pragma unroll
-                    for (int a = 0; a < G; ++a) {
-                        off[ci][a] = min((int)perm[t * G + a], D - 1);
-                        e[ci][a] = *reinterpret_cast<const T*>(qb + m * Tr::kPitchQ + off[ci][a] * 2);
-                    }
-                }
-#pragma unroll
-                for (int ci = 0; ci < kChunk; ++ci) {
-                    const int task = (c0 + ci) * Tr::kWarps + warp;
-                    const int t = task % DG, m = (task / DG) * 32 + lane;
-                    T qh;
-                    if (p.sample) {
-                        qh = e[ci][0];
-                    } else {
-                        float x = 0.f;
-#pragma unroll
-                        for (int a = 0; a < G; ++a) x += Nm::to_float(e[ci][a]);
-                        qh = Nm::from_float(x * (1.f / G));
-                    }
-                    reinterpret_cast<T*>(s_qh + t * Tr::kPitchQhT)[m] = qh;
-#pragma unroll
-                    for (int a = 0; a < G; ++a) reinterpret_cast<T*>(s_qt + off[ci][a] * Tr::kPitchQtT)[m] = qh;
-                }
-            }
-            // Khat^T of this (head, block) unless it is already there.
+            // Khat^T of this (head, block) into the other buffer, unless it is there:
+            // the previous item's dQhat may still read the current one.
             const int key = h * p.num_blocks + m0 / p.block_rows;
             if (key != fused_key) {
                 fused_key = key;
-                constexpr int kKTasks = DG * (BN / 32);
-                constexpr int kKPerWarp = kKTasks / Tr::kWarps;
-                static_assert(kKTasks % Tr::kWarps == 0, "Khat tasks");
-                constexpr int kKChunk = kKPerWarp * G <= kGatherRegs ? kKPerWarp : (kGatherRegs / G > 0 ? kGatherRegs / G : 1);
-                static_assert(kKPerWarp % kKChunk == 0, "Khat chunks");
+                kb ^= 1;
+                const uint16_t* perm = s_perm + buf * D;
+                unsigned char* khb = s_kh + kb * Tr::kKhBytes;
+                // Tasks (t, 32 keys): lanes = keys, so the gathers hit 32 banks and the
+                // stores are contiguous. Gathers in flight per lane bounded so that dK
+                // and dV stay in registers; the chunk loop is not unrolled (unrolled,
+                // the hoisted addresses spill).
+                constexpr int kGatherRegs = D == 128 ? 8 : 16;
+                constexpr int kTasks = DG * (BN / 32);
+                constexpr int kPerWarp = kTasks / Tr::kWarps;
+                static_assert(kTasks % Tr::kWarps == 0, "Khat tasks");
+                constexpr int kChunk = kPerWarp * G <= kGatherRegs ? kPerWarp : (kGatherRegs / G > 0 ? kGatherRegs / G : 1);
+                static_assert(kPerWarp % kChunk == 0, "Khat chunks");
 #pragma unroll 1
-                for (int c0 = 0; c0 < kKPerWarp; c0 += kKChunk) {
-                    T e[kKChunk][G];
+                for (int c0 = 0; c0 < kPerWarp; c0 += kChunk) {
+                    T e[kChunk][G];
 #pragma unroll
-                    for (int ci = 0; ci < kKChunk; ++ci) {
+                    for (int ci = 0; ci < kChunk; ++ci) {
                         const int task = (c0 + ci) * Tr::kWarps + warp;
                         const int t = task % DG, n = (task / DG) * 32 + lane;
 #pragma unroll
@@ -413,15 +419,16 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
                                                                    min((int)perm[t * G + a], D - 1) * 2);
                     }
 #pragma unroll
-                    for (int ci = 0; ci < kKChunk; ++ci) {
+                    for (int ci = 0; ci < kChunk; ++ci) {
                         const int task = (c0 + ci) * Tr::kWarps + warp;
                         const int t = task % DG, n = (task / DG) * 32 + lane;
-                        reinterpret_cast<T*>(s_kh + t * Tr::kPitchKhT)[n] = khat_sum<T, G>(e[ci]);
+                        reinterpret_cast<T*>(khb + t * Tr::kPitchKhT)[n] = khat_sum<T, G>(e[ci]);
                     }
                 }
+                __syncthreads();   // Khat^T visible
             }
-            __syncthreads();   // Qhat^T, Qtilde^T, Khat^T visible
         }
+        const uint32_t khb = smem_addr(s_kh + kb * Tr::kKhBytes);
 
         // ---- per warp: its 16 keys x QC queries per pass ----
         const bool need_mask = (n0 + BN > n_kv) || (p.causal && m0 + n_kv - n_q < n0 + BN - 1);
@@ -432,23 +439,19 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
             for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc_s[nt][e] = 0.f;
-            // S^T = Khat Qhat^T (k = KW)
+            // S^T = Khat Qhat^T (k = KA)
 #pragma unroll
-            for (int kk = 0; kk < KW / 16; ++kk) {
+            for (int kk = 0; kk < KA / 16; ++kk) {
                 uint32_t a[4];
                 if constexpr (Tr::kFused) {
-                    ldsm_x4_trans(a, smem_addr(s_kh) + (kk * 16 + rt) * Tr::kPitchKhT + (kw0 + ct) * 2);
+                    ldsm_x4_trans(a, khb + (kk * 16 + rt) * Tr::kPitchKhT + (kw0 + ct) * 2);
                 } else {
                     ldsm_x4(a, smem_addr(s_k) + (kw0 + ra) * Tr::kPitchK + (kk * 16 + ca) * 2);
                 }
 #pragma unroll
                 for (int np = 0; np < QT / 2; ++np) {
                     uint32_t bf[4];
-                    if constexpr (Tr::kFused) {
-                        ldsm_x4_trans(bf, smem_addr(s_qh) + (kk * 16 + ra) * Tr::kPitchQhT + (qc + np * 16 + ca) * 2);
-                    } else {
-                        ldsm_x4(bf, smem_addr(qb) + (qc + np * 16 + rt) * Tr::kPitchQ + (kk * 16 + ct) * 2);
-                    }
+                    ldsm_x4(bf, qa + (qc + np * 16 + rt) * Tr::kPitchQa + (kk * 16 + ct) * 2);
                     mma16816<kBf16>(acc_s[2 * np], a, bf[0], bf[1]);
                     mma16816<kBf16>(acc_s[2 * np + 1], a, bf[2], bf[3]);
                 }
@@ -497,7 +500,7 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
                 for (int np = 0; np < QT / 2; ++np) {
                     uint32_t bf[4];
-                    ldsm_x4(bf, smem_addr(dob) + (qc + np * 16 + rt) * Tr::kPitchDO + (kk * 16 + ct) * 2);
+                    ldsm_x4(bf, dob + (qc + np * 16 + rt) * Tr::kPitchDO + (kk * 16 + ct) * 2);
                     mma16816<kBf16>(acc_dp[2 * np], a, bf[0], bf[1]);
                     mma16816<kBf16>(acc_dp[2 * np + 1], a, bf[2], bf[3]);
                 }
@@ -518,9 +521,9 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
                 da[nt / 2][(nt % 2) * 2 + 0] = Nm::pack(ds[0], ds[1]);
                 da[nt / 2][(nt % 2) * 2 + 1] = Nm::pack(ds[2], ds[3]);
                 // dS^T to shared memory for dQhat (the same rounded values).
-                *reinterpret_cast<uint32_t*>(s_ds + (kw0 + g_row) * Tr::kPitchDS + (qc + nt * 8 + c2) * 2) =
+                *reinterpret_cast<uint32_t*>(dsb + (kw0 + g_row) * Tr::kPitchDS + (qc + nt * 8 + c2) * 2) =
                     da[nt / 2][(nt % 2) * 2 + 0];
-                *reinterpret_cast<uint32_t*>(s_ds + (kw0 + g_row + 8) * Tr::kPitchDS + (qc + nt * 8 + c2) * 2) =
+                *reinterpret_cast<uint32_t*>(dsb + (kw0 + g_row + 8) * Tr::kPitchDS + (qc + nt * 8 + c2) * 2) =
                     da[nt / 2][(nt % 2) * 2 + 1];
             }
             // dV += P^T dO, dK += dS^T Qtilde (k = QC queries)
@@ -529,24 +532,21 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t bf[4];
-                    ldsm_x4_trans(bf, smem_addr(dob) + (qc + kk * 16 + ra) * Tr::kPitchDO + (dp * 16 + ca) * 2);
+                    ldsm_x4_trans(bf, dob + (qc + kk * 16 + ra) * Tr::kPitchDO + (dp * 16 + ca) * 2);
                     mma16816<kBf16>(acc_dv[2 * dp], pa[kk], bf[0], bf[1]);
                     mma16816<kBf16>(acc_dv[2 * dp + 1], pa[kk], bf[2], bf[3]);
                 }
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t bf[4];
-                    if constexpr (Tr::kFused) {
-                        ldsm_x4(bf, smem_addr(s_qt) + (dp * 16 + rt) * Tr::kPitchQtT + (qc + kk * 16 + ct) * 2);
-                    } else {
-                        ldsm_x4_trans(bf, smem_addr(qb) + (qc + kk * 16 + ra) * Tr::kPitchQ + (dp * 16 + ca) * 2);
-                    }
+                    ldsm_x4_trans(bf, qb + (qc + kk * 16 + ra) * Tr::kPitchQb + (dp * 16 + ca) * 2);
                     mma16816<kBf16>(acc_dk[2 * dp], da[kk], bf[0], bf[1]);
                     mma16816<kBf16>(acc_dk[2 * dp + 1], da[kk], bf[2], bf[3]);
                 }
             }
         }
-        __syncthreads();   // dS^T complete
+        cp_async_wait<0>();   // item it+1 has landed ...
+        __syncthreads();      // ... and is visible; dS^T is complete; this item's buffers are free
 
         // ---- dQhat = dS Khat: warp (mw, nw) owns rows 16mw.. and columns nw*NQ.. ----
         {
@@ -561,12 +561,12 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     uint32_t a[4];
-                    ldsm_x4_trans(a, smem_addr(s_ds) + (kk * 16 + rt) * Tr::kPitchDS + (mw * 16 + ct) * 2);
+                    ldsm_x4_trans(a, smem_addr(dsb) + (kk * 16 + rt) * Tr::kPitchDS + (mw * 16 + ct) * 2);
 #pragma unroll
                     for (int np = 0; np < NQT / 2; ++np) {
                         uint32_t bf[4];
                         if constexpr (Tr::kFused) {
-                            ldsm_x4(bf, smem_addr(s_kh) + (nw * NQ + np * 16 + rt) * Tr::kPitchKhT + (kk * 16 + ct) * 2);
+                            ldsm_x4(bf, khb + (nw * NQ + np * 16 + rt) * Tr::kPitchKhT + (kk * 16 + ct) * 2);
                         } else {
                             ldsm_x4_trans(bf, smem_addr(s_k) + (kk * 16 + ra) * Tr::kPitchK + (nw * NQ + np * 16 + ca) * 2);
                         }
@@ -587,8 +587,6 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
                 }
             }
         }
-        cp_async_wait<0>();   // item it+1
-        __syncthreads();      // ... is visible; every warp is done with this item's buffers
     }
 
     // ---- epilogue: dK (times scale) and dV ----
@@ -658,13 +656,19 @@ template <typename T, int D>
 __device__ __forceinline__ void prep_body(const BwdRowParams& p) {
     constexpr int TPR = D / 4, RPP = kRowThreads / TPR;
     static_assert(TPR <= 32 && 32 % TPR == 0, "a row within a warp");
+    // Per row of a pass: Q (T), the plan row and its inverse (u16), Qhat (T).
+    __shared__ __align__(16) T s_x[RPP][D];
+    __shared__ __align__(16) T s_qh[RPP][D];
+    __shared__ __align__(16) uint16_t s_perm[RPP][D];
+    __shared__ __align__(16) uint16_t s_inv[RPP][D];
     const int h = p.head_map_len ? (int)p.head_map[blockIdx.y] : (int)blockIdx.y;
     const int b = (int)blockIdx.z + p.batch_offset;
-    const int tr = threadIdx.x % TPR, col = tr * 4;
-    const int dg = D / p.group;
-    for (int r = threadIdx.x / TPR; r < kRowsPerCta; r += RPP) {
+    const int tr = threadIdx.x % TPR, col = tr * 4, slot = threadIdx.x / TPR;
+    const int G = p.group, dg = D / G, kw = (dg + 15) / 16 * 16;
+    for (int r = slot; r < kRowsPerCta; r += RPP) {
         const int i = blockIdx.x * kRowsPerCta + r;
         const bool valid = i < p.q_len;
+        const long long row = ((long long)b * p.q_heads + h) * p.q_len + i;
         float sum = 0.f;
         float2 g0 = make_float2(0.f, 0.f), g1 = g0;
         if (valid) {
@@ -679,13 +683,63 @@ __device__ __forceinline__ void prep_body(const BwdRowParams& p) {
         }
 #pragma unroll
         for (int off = TPR / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (!valid) continue;
-        const long long row = ((long long)b * p.q_heads + h) * p.q_len + i;
-        if (tr == 0) p.delta[row] = sum;
-        if (col < dg) *reinterpret_cast<float4*>(p.dq_acc + row * D + col) = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (p.do_f32) {
-            uint2 packed = make_uint2(Num<T>::pack(g0.x, g0.y), Num<T>::pack(g1.x, g1.y));
-            *reinterpret_cast<uint2*>(static_cast<T*>(p.do_conv) + row * D + col) = packed;
+        if (valid) {
+            if (tr == 0) p.delta[row] = sum;
+            if (col < dg) *reinterpret_cast<float4*>(p.dq_acc + row * D + col) = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (p.do_f32) {
+                const uint2 packed = make_uint2(Num<T>::pack(g0.x, g0.y), Num<T>::pack(g1.x, g1.y));
+                *reinterpret_cast<uint2*>(static_cast<T*>(p.do_conv) + row * D + col) = packed;
+            }
+        }
+        if (G > 1) {
+            // Qhat (as fwd.cu fuses it: f32 sum, times 1/G, rounded once) and Qtilde.
+            if (valid) {
+                const T* q = static_cast<const T*>(p.q) + (long long)b * p.q_batch_stride +
+                             (long long)i * p.q_row_stride + (long long)h * p.q_head_stride;
+                *reinterpret_cast<uint2*>(&s_x[slot][col]) = *reinterpret_cast<const uint2*>(q + col);
+                const uint16_t* perm =
+                    p.plan + (((long long)b * p.q_heads + h) * p.num_blocks + i / p.block_rows) * D + col;
+                const uint32_t p01 = *reinterpret_cast<const uint32_t*>(perm);
+                const uint32_t p23 = *reinterpret_cast<const uint32_t*>(perm + 2);
+                // Entries are clamped: a corrupt plan gives wrong numbers, never a stray access.
+                s_perm[slot][col] = min((int)(p01 & 0xffff), D - 1);
+                s_perm[slot][col + 1] = min((int)(p01 >> 16), D - 1);
+                s_perm[slot][col + 2] = min((int)(p23 & 0xffff), D - 1);
+                s_perm[slot][col + 3] = min((int)(p23 >> 16), D - 1);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) s_inv[slot][col + k] = 0;
+            }
+            __syncwarp();
+            if (valid) {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) s_inv[slot][s_perm[slot][col + k]] = col + k;
+                T qh[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int t = col + k;
+                    float x = 0.f;
+                    if (t < dg) {
+                        if (p.sample) {
+                            x = Num<T>::to_float(s_x[slot][s_perm[slot][t * G]]);
+                        } else {
+                            for (int a = 0; a < G; ++a) x += Num<T>::to_float(s_x[slot][s_perm[slot][t * G + a]]);
+                            x *= 1.f / G;
+                        }
+                    }
+                    qh[k] = Num<T>::from_float(x);
+                    s_qh[slot][t] = qh[k];
+                }
+                if (col < kw) *reinterpret_cast<uint2*>(static_cast<T*>(p.qhat) + row * D + col) =
+                    *reinterpret_cast<const uint2*>(qh);
+            }
+            __syncwarp();
+            if (valid) {
+                T qt[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) qt[k] = s_qh[slot][min((int)s_inv[slot][col + k], D - 1) / G];
+                *reinterpret_cast<uint2*>(static_cast<T*>(p.qtil) + row * D + col) = *reinterpret_cast<const uint2*>(qt);
+            }
+            __syncwarp();   // the row buffers are rewritten by the next pass
         }
     }
 }

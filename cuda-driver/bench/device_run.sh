@@ -5,9 +5,10 @@
 # into .devbin/, carried to the GPU machine).
 #
 #   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [bench] [quick]
-#       [bwd-tests] [bwd-sanitizer] [bwd-bench]
-# bwd-*: the backward pass's tests, compute-sanitizer on smoke_backward, and
-# the training-step benchmark (bench --backward, sdpa_peer.py --backward).
+#       [bwd-tests] [bwd-sanitizer] [bwd-bench] [bwd-profile]
+# bwd-*: the backward pass's tests, compute-sanitizer on smoke_backward, the
+# training-step benchmark (bench --backward, sdpa_peer.py --backward), and
+# Nsight Compute on the backward kernels (D=128, N=4096, not causal).
 # DEVBIN=dir: where the packed binaries are (default .devbin); PEER=path:
 # the peer script (default cuda-driver/bench/sdpa_peer.py).
 set -uo pipefail
@@ -61,5 +62,24 @@ if [[ " $what " == *" bwd-bench "* ]]; then
     /tmp/devbin/bench --backward --json "$out/ours_bwd.json" $q 2>&1 | tee "$out/bwd_bench.log" || status=1
     PYTHONUNBUFFERED=1 python3 "$peer" --backward --ours "$out/ours_bwd.json" $q 2>&1 | tee "$out/bwd_peer.log" \
         | grep -v '^{' || status=1
+fi
+if [[ " $what " == *" bwd-profile "* ]]; then
+    echo "== ncu (backward kernels, D=128, N=4096, not causal)"
+    metrics="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+    metrics+=",sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+    metrics+=",smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active"
+    metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+    metrics+=",l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed_op_shared_ld.sum"
+    metrics+=",gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes.sum"
+    for k in da_bwd_bf16_d128_g1 da_bwd_bf16_d128_g2; do
+        ncu -k "regex:^${k}\$" -c 1 --metrics "$metrics" /tmp/devbin/bench --backward --quick --warmup 0 --reps 1 \
+            > "$out/ncu_$k.txt" 2>&1
+        echo "-- $k"
+        grep -E "^\s+(smsp|sm__|l1tex|gpu__|dram)" "$out/ncu_$k.txt" | awk '{ if ($NF+0 > 0.05 || $1 !~ /stalled/) print }'
+    done
+    ncu -k "regex:da_(bwd|fwd|plan)" -c 40 --metrics gpu__time_duration.sum /tmp/devbin/bench --backward --quick \
+        --warmup 0 --reps 1 > "$out/ncu_durations.txt" 2>&1
+    echo "-- kernel durations (ns) in launch order"
+    grep -E "^  da_|gpu__time_duration" "$out/ncu_durations.txt" | paste - - | awk '{print $1, $(NF-1), $NF}'
 fi
 exit $status

@@ -227,7 +227,7 @@ mod backward {
         )
         .unwrap();
         // The largest workspace of the shapes (B·H·N is largest at D = 32; D = 64 and 128 need less).
-        let ws_len = backward_workspace_len(&probe, DType::BF16).unwrap();
+        let ws_len = backward_workspace_len(&Config::with_group_size(2), &probe, DType::BF16).unwrap();
         let mut ws: DeviceBuffer<f32> = DeviceBuffer::from_slice(&vec![0f32; ws_len]).unwrap();
         println!(
             "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | TFLOP/s: {:>5} {:>5}",

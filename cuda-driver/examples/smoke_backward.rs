@@ -100,7 +100,8 @@ fn main() {
         );
         let do_type = if do_f32 { DType::F32 } else { <Bf16 as GpuElement>::DTYPE };
         let mut ws =
-            DeviceBuffer::from_slice(&vec![f32::NAN; backward_workspace_len(&p, do_type).unwrap()]).unwrap();
+            DeviceBuffer::from_slice(&vec![f32::NAN; backward_workspace_len(&cfg, &p, do_type).unwrap()])
+                .unwrap();
         let do_f32_buf = DeviceBuffer::from_slice(&d_out).unwrap();
         let do_bf16: Vec<bf16> = d_out.iter().map(|&x| bf16::from_f32(x)).collect();
         let do_bf16_buf = up(&do_bf16);

@@ -48,6 +48,8 @@ struct BwdParams {
     k: u64,
     v: u64,
     d_out: u64,
+    qhat: u64,
+    qtil: u64,
     plan: u64,
     lse: u64,
     delta: u64,
@@ -97,6 +99,9 @@ struct BwdParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct BwdRowParams {
+    q: u64,
+    qhat: u64,
+    qtil: u64,
     o: u64,
     d_out: u64,
     do_conv: u64,
@@ -104,6 +109,9 @@ struct BwdRowParams {
     dq_acc: u64,
     plan: u64,
     dq: u64,
+    q_batch_stride: i64,
+    q_row_stride: i64,
+    q_head_stride: i64,
     o_batch_stride: i64,
     o_row_stride: i64,
     o_head_stride: i64,
@@ -128,8 +136,8 @@ struct BwdRowParams {
     head_map: [u16; HEAD_MAP_MAX],
 }
 
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 1304);
-const _: () = assert!(std::mem::size_of::<BwdRowParams>() == 688);
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 1320);
+const _: () = assert!(std::mem::size_of::<BwdRowParams>() == 736);
 
 /// The forward pass's results on the device, as the backward pass reads
 /// them (the core's `Forward`): the output `o` (`[batch, q_len, q_heads,
@@ -173,30 +181,39 @@ fn elements(x: Option<usize>) -> Result<usize> {
 }
 
 /// Offsets (f32 elements) of the workspace's parts: dQ̂ accumulators
-/// `[batch][q_heads][q_len][head_dim]`, Delta `[batch][q_heads][q_len]`
-/// (padded to 16 bytes), and, when dO is f32, dO in the input type (dense).
+/// `[batch][q_heads][q_len][head_dim]` (f32), Delta `[batch][q_heads][q_len]`
+/// (f32, padded to 16 bytes), then in the input type and the same row
+/// layout as the accumulators: Q̂ and Q̃ when some head has G > 1, and dO
+/// when it is given in f32.
 struct WorkspaceParts {
     delta: usize,
+    qhat: usize,
+    qtil: usize,
     do_conv: usize,
     len: usize,
 }
 
-fn workspace_parts(p: &Problem, d_out: DType) -> Result<WorkspaceParts> {
+fn workspace_parts(cfg: &Config<'_>, p: &Problem, d_out: DType) -> Result<WorkspaceParts> {
     let rows = elements(p.batch.checked_mul(p.q_heads).and_then(|x| x.checked_mul(p.q_len)))?;
     let acc = elements(rows.checked_mul(p.head_dim))?;
+    let half = acc.div_ceil(2); // a rows x head_dim tensor of the input type, in f32 slots
     let delta = acc;
-    let do_conv = elements(delta.checked_add(rows.div_ceil(4) * 4))?;
-    let len = if d_out == DType::F32 { elements(do_conv.checked_add(acc.div_ceil(2)))? } else { do_conv };
-    Ok(WorkspaceParts { delta, do_conv, len })
+    let qhat = elements(delta.checked_add(rows.div_ceil(4) * 4))?;
+    let fused = (0..p.q_heads).any(|h| cfg.group_size(h) > 1);
+    let qtil = if fused { elements(qhat.checked_add(half))? } else { qhat };
+    let do_conv = if fused { elements(qtil.checked_add(half))? } else { qtil };
+    let len = if d_out == DType::F32 { elements(do_conv.checked_add(half))? } else { do_conv };
+    Ok(WorkspaceParts { delta, qhat, qtil, do_conv, len })
 }
 
 /// Length in f32 elements of the workspace [`Engine::attention_backward_raw`]
-/// needs for problem `p` with an output gradient of type `d_out`:
-/// `batch·q_heads·q_len·(head_dim + 1)` (dQ̂ accumulators and Delta, with
-/// padding), plus `batch·q_heads·q_len·head_dim / 2` when `d_out` is f32
-/// (its copy in the input type).
-pub fn backward_workspace_len(p: &Problem, d_out: DType) -> Result<usize> {
-    Ok(workspace_parts(p, d_out)?.len)
+/// needs for `cfg` and problem `p` with an output gradient of type `d_out`:
+/// with `R = batch·q_heads·q_len` rows, `R·(head_dim + 1)` (dQ̂ accumulators
+/// and Delta, with padding), plus `R·head_dim` when some head has G > 1 (Q̂
+/// and Q̃ in the input type), plus `R·head_dim / 2` when `d_out` is f32 (its
+/// copy in the input type).
+pub fn backward_workspace_len(cfg: &Config<'_>, p: &Problem, d_out: DType) -> Result<usize> {
+    Ok(workspace_parts(cfg, p, d_out)?.len)
 }
 
 fn expect_shape(operand: Operand, l: &Layout, shape: [usize; 4]) -> Result<()> {
@@ -339,7 +356,7 @@ pub fn check_backward(
         strides_fit(operand, &t.layout)?;
     }
     i32_of(p.q_len.div_ceil(cfg.block_rows), Operand::Plan)?;
-    let needed = backward_workspace_len(&p, fwd.d_out.dtype)?;
+    let needed = backward_workspace_len(cfg, &p, fwd.d_out.dtype)?;
     if workspace.len < needed {
         return Err(
             CoreError::BufferTooSmall { operand: Operand::Scratch, needed, got: workspace.len }.into()
@@ -479,9 +496,11 @@ impl Engine {
             .find(|m| m.name == format!("bwd_{dtype}_d{d}"))
             .map(|m| m.name)
             .expect("validated head_dim has a module");
-        let parts = workspace_parts(&p, fwd.d_out.dtype)?;
+        let parts = workspace_parts(cfg, &p, fwd.d_out.dtype)?;
         let ws = workspace.ptr;
-        let (dq_acc, delta, do_conv) = (ws, ws + 4 * parts.delta as u64, ws + 4 * parts.do_conv as u64);
+        let at = |off: usize| ws + 4 * off as u64;
+        let (dq_acc, delta, qhat, qtil, do_conv) =
+            (ws, at(parts.delta), at(parts.qhat), at(parts.qtil), at(parts.do_conv));
         let do_f32 = fwd.d_out.dtype == DType::F32;
         let scale = cfg.softmax_scale(d);
         let num_blocks = p.q_len.div_ceil(cfg.block_rows);
@@ -496,6 +515,9 @@ impl Engine {
 
         // ---- row kernels (prep, then dq after the main kernel) ----
         let mut row = BwdRowParams {
+            q: q.ptr,
+            qhat,
+            qtil,
             o: fwd.o.ptr,
             d_out: fwd.d_out.ptr,
             do_conv,
@@ -503,6 +525,9 @@ impl Engine {
             dq_acc,
             plan: plan_ptr,
             dq: grads.dq.ptr,
+            q_batch_stride: i64_of(q.layout.stride_batch, Operand::Q)?,
+            q_row_stride: i64_of(q.layout.stride_seq, Operand::Q)?,
+            q_head_stride: i64_of(q.layout.stride_head, Operand::Q)?,
             o_batch_stride: i64_of(ol.stride_batch, Operand::Output)?,
             o_row_stride: i64_of(ol.stride_seq, Operand::Output)?,
             o_head_stride: i64_of(ol.stride_head, Operand::Output)?,
@@ -581,6 +606,8 @@ impl Engine {
             k: k.ptr,
             v: v.ptr,
             d_out: do_ptr,
+            qhat,
+            qtil,
             plan: plan_ptr,
             lse: fwd.lse.ptr,
             delta,
@@ -763,10 +790,14 @@ mod tests {
     }
 
     #[test]
-    fn workspace_grows_with_an_f32_output_gradient() {
+    fn workspace_grows_with_fused_heads_and_an_f32_output_gradient() {
         let p = problem(2, 1);
-        let t = backward_workspace_len(&p, DType::BF16).unwrap();
+        let exact = Config::with_group_size(1);
+        let t = backward_workspace_len(&exact, &p, DType::BF16).unwrap();
         assert_eq!(t, 2 * 10 * 64 + 20usize.div_ceil(4) * 4);
-        assert_eq!(backward_workspace_len(&p, DType::F32).unwrap(), t + 2 * 10 * 64 / 2);
+        assert_eq!(backward_workspace_len(&exact, &p, DType::F32).unwrap(), t + 2 * 10 * 64 / 2);
+        let sizes = [1, 2];
+        let mixed = Config { group_sizes: distr_attention_core::GroupSizes::PerHead(&sizes), ..exact };
+        assert_eq!(backward_workspace_len(&mixed, &p, DType::BF16).unwrap(), t + 2 * 10 * 64);
     }
 }
