@@ -434,26 +434,39 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
         const bool need_mask = (n0 + BN > n_kv) || (p.causal && m0 + n_kv - n_q < n0 + BN - 1);
 #pragma unroll 1
         for (int qc = 0; qc < BM; qc += QC) {
-            float acc_s[QT][4];
+            // S^T = Khat Qhat^T (k = KA) and dP^T = V dO^T (k = D), interleaved:
+            // 2 x QT independent accumulator chains per warp instead of QT.
+            float acc_s[QT][4], acc_dp[QT][4];
 #pragma unroll
             for (int nt = 0; nt < QT; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc_s[nt][e] = 0.f;
-            // S^T = Khat Qhat^T (k = KA)
+                for (int e = 0; e < 4; ++e) {
+                    acc_s[nt][e] = 0.f;
+                    acc_dp[nt][e] = 0.f;
+                }
 #pragma unroll
-            for (int kk = 0; kk < KA / 16; ++kk) {
-                uint32_t a[4];
-                if constexpr (Tr::kFused) {
-                    ldsm_x4_trans(a, khb + (kk * 16 + rt) * Tr::kPitchKhT + (kw0 + ct) * 2);
-                } else {
-                    ldsm_x4(a, smem_addr(s_k) + (kw0 + ra) * Tr::kPitchK + (kk * 16 + ca) * 2);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t av[4], ak[4];
+                ldsm_x4(av, smem_addr(s_v) + (kw0 + ra) * Tr::kPitchV + (kk * 16 + ca) * 2);
+                if (kk < KA / 16) {
+                    if constexpr (Tr::kFused) {
+                        ldsm_x4_trans(ak, khb + (kk * 16 + rt) * Tr::kPitchKhT + (kw0 + ct) * 2);
+                    } else {
+                        ldsm_x4(ak, smem_addr(s_k) + (kw0 + ra) * Tr::kPitchK + (kk * 16 + ca) * 2);
+                    }
                 }
 #pragma unroll
                 for (int np = 0; np < QT / 2; ++np) {
-                    uint32_t bf[4];
-                    ldsm_x4(bf, qa + (qc + np * 16 + rt) * Tr::kPitchQa + (kk * 16 + ct) * 2);
-                    mma16816<kBf16>(acc_s[2 * np], a, bf[0], bf[1]);
-                    mma16816<kBf16>(acc_s[2 * np + 1], a, bf[2], bf[3]);
+                    uint32_t bd[4];
+                    ldsm_x4(bd, dob + (qc + np * 16 + rt) * Tr::kPitchDO + (kk * 16 + ct) * 2);
+                    if (kk < KA / 16) {
+                        uint32_t bq[4];
+                        ldsm_x4(bq, qa + (qc + np * 16 + rt) * Tr::kPitchQa + (kk * 16 + ct) * 2);
+                        mma16816<kBf16>(acc_s[2 * np], ak, bq[0], bq[1]);
+                        mma16816<kBf16>(acc_s[2 * np + 1], ak, bq[2], bq[3]);
+                    }
+                    mma16816<kBf16>(acc_dp[2 * np], av, bd[0], bd[1]);
+                    mma16816<kBf16>(acc_dp[2 * np + 1], av, bd[2], bd[3]);
                 }
             }
             // P^T = exp2(S^T * scale * log2e - LSE * log2e), masked.
@@ -485,24 +498,6 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
                         for (int e = 0; e < 4; ++e)
                             acc_s[nt][e] = fast_exp2(fmaf(acc_s[nt][e], scale_log2, -lse2[nt][e % 2]));
-                }
-            }
-            // dP^T = V dO^T (k = D)
-            float acc_dp[QT][4];
-#pragma unroll
-            for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc_dp[nt][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t a[4];
-                ldsm_x4(a, smem_addr(s_v) + (kw0 + ra) * Tr::kPitchV + (kk * 16 + ca) * 2);
-#pragma unroll
-                for (int np = 0; np < QT / 2; ++np) {
-                    uint32_t bf[4];
-                    ldsm_x4(bf, dob + (qc + np * 16 + rt) * Tr::kPitchDO + (kk * 16 + ct) * 2);
-                    mma16816<kBf16>(acc_dp[2 * np], a, bf[0], bf[1]);
-                    mma16816<kBf16>(acc_dp[2 * np + 1], a, bf[2], bf[3]);
                 }
             }
             // dS^T = P^T (dP^T - Delta); P and dS packed as A fragments (rounded to T).
@@ -553,11 +548,18 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
             constexpr int NQ = Tr::NQ, NQT = NQ / 8;
             const int mw = warp % 4, nw = warp / 4;
             if (nw < Tr::kDqN) {
-                float acc_q[NQT][4];
+                // Narrow outputs (G > 1) get two partial sums over even and odd
+                // key steps: twice the independent accumulator chains.
+                constexpr int SPLIT = NQT <= 4 ? 2 : 1;
+                float acc_q[NQT][4], acc_q2[SPLIT == 2 ? NQT : 1][4];
 #pragma unroll
                 for (int nt = 0; nt < NQT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc_q[nt][e] = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < (SPLIT == 2 ? NQT : 1); ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_q2[nt][e] = 0.f;
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     uint32_t a[4];
@@ -570,9 +572,20 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
                         } else {
                             ldsm_x4_trans(bf, smem_addr(s_k) + (kk * 16 + ra) * Tr::kPitchK + (nw * NQ + np * 16 + ca) * 2);
                         }
-                        mma16816<kBf16>(acc_q[2 * np], a, bf[0], bf[1]);
-                        mma16816<kBf16>(acc_q[2 * np + 1], a, bf[2], bf[3]);
+                        if (SPLIT == 2 && kk % 2 == 1) {
+                            mma16816<kBf16>(acc_q2[(2 * np) % (SPLIT == 2 ? NQT : 1)], a, bf[0], bf[1]);
+                            mma16816<kBf16>(acc_q2[(2 * np + 1) % (SPLIT == 2 ? NQT : 1)], a, bf[2], bf[3]);
+                        } else {
+                            mma16816<kBf16>(acc_q[2 * np], a, bf[0], bf[1]);
+                            mma16816<kBf16>(acc_q[2 * np + 1], a, bf[2], bf[3]);
+                        }
                     }
+                }
+                if constexpr (SPLIT == 2) {
+#pragma unroll
+                    for (int nt = 0; nt < NQT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc_q[nt][e] += acc_q2[nt % (SPLIT == 2 ? NQT : 1)][e];
                 }
                 float* acc_row = p.dq_acc + (((long long)b * p.q_heads + h) * n_q + m0 + mw * 16 + g_row) * D;
 #pragma unroll

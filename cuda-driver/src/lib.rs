@@ -21,8 +21,14 @@
 //!   [`Engine::distr_attention`] take [`GpuTensor`]s (a `DeviceSlice` and a
 //!   layout) of [`F16`] or [`Bf16`] and a cust `Stream`.
 //!
+//! * The backward pass: [`Engine::attention_backward_raw`] (raw pointers,
+//!   [`RawForward`], [`RawGradients`]) and [`Engine::attention_backward`]
+//!   (cust buffers, [`GpuForward`], [`GpuGradients`]), with a caller-provided
+//!   f32 workspace of [`backward_workspace_len`] elements.
+//!
 //! Both validate before launching, with the core's checks and typed errors
-//! (see [`validate`]), and launch asynchronously on the caller's stream.
+//! (see [`validate`] and [`check_backward`]), and launch asynchronously on
+//! the caller's stream.
 //!
 //! ## What the kernels compute
 //! Exactly the function of the project's ALGORITHM.md (the core's
@@ -53,6 +59,20 @@
 //!   runs at 0.97-1.28x PyTorch's FlashAttention-2; G = 2 with its plan at
 //!   0.67-0.99x: on this mma.sync path the K̂ fusion costs about what the
 //!   halved Q̂K̂ᵀ saves.
+//! * **Backward** (`kernels/bwd.cu`): dQ, dK, dV of the same function (the
+//!   core's `reference::attention_backward` on the same plan) from Q, K, V,
+//!   the forward's O and LSE, and dO, FlashAttention-2 style (S and P
+//!   recomputed per tile, no `N x M` buffer). O, dO and the gradients are
+//!   f32 or the input type; same head dims, block rows, group sizes, masks,
+//!   GQA and strides as the forward. S and dQ̂ run on d/G columns, dP, dV and
+//!   dK at full width (3 + 2/G of exact attention's 5 products). dQ sums f32
+//!   atomics, so it is not bit-reproducible; Delta = rowsum(dO ∘ O) is taken
+//!   from the given O, so an O stored in bf16 limits the accuracy of dQ and
+//!   dK on nearly one-hot rows (see `kernels/NOTES.md`). Its kernels need up
+//!   to 224 KB of shared memory per CTA (head_dim 128); on devices with less
+//!   (8.x) those launches fail with a CUDA error. Speed (H100, bf16): one
+//!   training step at 0.80-0.89x torch FA2 (G = 1) and 0.73-0.81x (G = 2,
+//!   plan included).
 //! * **Not checked on the device**: finiteness of the inputs (the CPU core
 //!   rejects NaN/inf; here they propagate to the output). Plan entries are
 //!   clamped to `head_dim - 1`, so a corrupt plan gives wrong numbers but no
