@@ -119,9 +119,10 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu", "bwd.cu"] {
+    for f in ["common.cuh", "plan.cu", "fwd.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
+    println!("cargo:rerun-if-changed={}", kernels.join("bwd.cu").display());
     let Some(nvcc) = find_nvcc() else {
         panic!(
             "\n\ndistr-attention-cuda: the `cuda` feature needs nvcc (CUDA 12.x or 13.x) and none was found.\n\
