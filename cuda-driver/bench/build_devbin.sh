@@ -8,10 +8,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source .ci/cuda.sh --env-only
-# DEVBIN=dir packs elsewhere (for example into the tree the device tool sends).
-out="${DEVBIN:-.devbin}"
-mkdir -p "$out"
-rm -f "$out"/*
+mkdir -p .devbin
+rm -f .devbin/*
 msg=$(cargo test -p distr-attention-cuda --features cuda --no-run --message-format=json 2>/dev/null)
 for t in gpu validation; do
     exe=$(echo "$msg" | python3 -c "import json,sys
@@ -19,18 +17,10 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get('reason')=='compiler-artifact' and m['target']['name']=='$t' and m.get('executable'): print(m['executable'])" | tail -n1)
     name=$t; [ "$t" = gpu ] && name=gpu_tests
-    xz -T2 -c "$exe" > "$out/$name.xz"
+    xz -T2 -c "$exe" > ".devbin/$name.xz"
 done
 cargo build -p distr-attention-cuda --features cuda --example smoke
-xz -T2 -c target/debug/examples/smoke > "$out/smoke.xz"
-# The backward pass: its integration tests (gpu_backward) and sanitizer case (smoke_backward).
-exe=$(echo "$msg" | python3 -c "import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get('reason')=='compiler-artifact' and m['target']['name']=='gpu_backward' and m.get('executable'): print(m['executable'])" | tail -n1)
-xz -T2 -c "$exe" > "$out/gpu_backward.xz"
-cargo build -p distr-attention-cuda --features cuda --example smoke_backward
-xz -T2 -c target/debug/examples/smoke_backward > "$out/smoke_backward.xz"
+xz -T2 -c target/debug/examples/smoke > .devbin/smoke.xz
 cargo build -p distr-attention-cuda --features cuda --release --example bench
-xz -T2 -c target/release/examples/bench > "$out/bench.xz"
-ls -la "$out"
+xz -T2 -c target/release/examples/bench > .devbin/bench.xz
+ls -la .devbin
