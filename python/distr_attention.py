@@ -106,6 +106,8 @@ class Status(enum.IntEnum):
     IO_ERROR = 15
     BAD_TABLE = 16
     NOT_FOUND = 17
+    CUDA_ERROR = 18
+    CUDA_UNAVAILABLE = 19
 
 
 class DistrAttentionError(RuntimeError):
