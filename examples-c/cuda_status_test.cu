@@ -6,6 +6,8 @@
  * Prints "N passed, M failed" and exits nonzero on any failure; prints
  * "skipped: no CUDA device" and exits 0 where there is no usable GPU.
  *
+ * Also the C++ wrapper's CudaContext (distr_attention.hpp).
+ *
  * Built like cuda_example.cu, plus -lcuda (the driver API: cuCtxPopCurrent).
  */
 #include <cuda.h>
@@ -17,7 +19,7 @@
 #include <cstring>
 #include <vector>
 
-#include "distr_attention.h"
+#include "distr_attention.hpp"
 
 static int passed, failed;
 
@@ -137,6 +139,23 @@ int main() {
     expect("G = 1 with a NULL plan",
            da_cuda_attention(ctx, &c, nullptr, 0, &tq, &tk, &tv, &to2, nullptr, 0, stream), DA_STATUS_OK, "");
 
+    {
+        /* The C++ wrapper: the same forward, and an error as an exception. */
+        distr_attention::CudaContext cpp;
+        distr_attention::Config config;
+        cpp.forward(config, tq, tk, tv, to2, stream);
+        check_cuda(cudaStreamSynchronize(stream), "sync");
+        check_cuda(cudaMemcpy(got.data(), out2, LEN * 4, cudaMemcpyDeviceToHost), "copy");
+        require(std::memcmp(got.data(), want.data(), LEN * 4) == 0, "CudaContext::forward gives identical results");
+        try {
+            cpp.attention(config.group_size(2), nullptr, 0, tq, tk, tv, to2, stream);
+            require(false, "CudaContext::attention without a plan throws");
+        } catch (const distr_attention::Error &e) {
+            require(e.status() == DA_STATUS_NULL_POINTER && std::strstr(e.what(), "plan"),
+                    "CudaContext::attention without a plan throws");
+        }
+    }
+
     /* From here on every call fails: the output must stay as it is. */
     check_cuda(cudaMemset(out, 0xff, LEN * 4), "cudaMemset");
     check_cuda(cudaDeviceSynchronize(), "sync");
@@ -159,12 +178,12 @@ int main() {
     expect("lse in pageable host memory",
            da_cuda_forward(ctx, &cfg, &tq, &tk, &tv, &to, host_lse.data(), host_lse.size(), nullptr, 0, stream),
            DA_STATUS_INVALID_ARGUMENT, "lse");
-    /* 128 times the allocation: past it even if the driver reports sizes rounded to 2 MiB. */
-    t = tq, t.seq = N * 128, t.stride_batch = (size_t)128 * N * H * D;
-    u = to, u.seq = N * 128, u.stride_batch = t.stride_batch;
-    expect("q's extent past its allocation",
-           da_cuda_forward(ctx, &cfg, &t, &tk, &tv, &u, nullptr, 0, nullptr, 0, stream), DA_STATUS_BUFFER_TOO_SMALL,
-           "past the end of its CUDA allocation");
+    /* K starting 16 KiB before the end of a 4 MiB allocation (a multiple of
+     * the driver's granularity, so its size is exact): its 32 KiB run past. */
+    t = tk, t.data = (const char *)big + (1 << 22) - (1 << 14);
+    expect("k's extent past its allocation",
+           da_cuda_forward(ctx, &cfg, &tq, &t, &tv, &to, nullptr, 0, nullptr, 0, stream), DA_STATUS_BUFFER_TOO_SMALL,
+           "k: its extent");
     t = tq, t.data = (const char *)q + 2;
     expect("misaligned q", da_cuda_forward(ctx, &cfg, &t, &tk, &tv, &to, nullptr, 0, nullptr, 0, stream),
            DA_STATUS_MISALIGNED_POINTER, "16-byte");
