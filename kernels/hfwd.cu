@@ -19,13 +19,19 @@
 // (consumers -> producer: one arrival per consumer warp after its wgmma
 // reads finished).
 //
-// Shared-memory operands use the no-swizzle ("interleave") canonical
-// layouts: 8x8 core matrices of 16-byte rows, 128 contiguous bytes each.
-//   K-major (Q, Qhat, K, Khat; rows r, reduction columns c):
+// Shared-memory operands:
+//   Tiles loaded from global memory (Q for G = 1, K for G = 1, V) use the
+//   128-byte-swizzle layouts, one region per 64 columns: row r's 16-byte
+//   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16). Each thread copies
+//   whole rows' chunks, so a warp reads full 128-byte lines from L2 and writes
+//   conflict-free (v1 used the no-swizzle layout with 8 rows x 64 bytes per
+//   warp copy: half lines, L2-bound at 90% of its throughput).
+//     K-major (Q, K): start + 32 bytes per k-step of 16, next region per 4
+//       k-steps; SBO = 1024 (8 rows), swizzle mode 1.
+//     MN-major (V, keys are the reduction dim): start + 2048 bytes per 16
+//       keys; LBO = region size (next 64 columns), SBO = 1024 (next 8 keys).
+//   Qhat and Khat (written by threads) use the no-swizzle K-major layout:
 //       (c/8)*128 + (r/8)*SBO + (r%8)*16 + (c%8)*2,  LBO = 128, SBO = 16*C
-//   MN-major (V; keys k are the reduction dim, d the N dim):
-//       (k/16)*32*D + (d/8)*256 + ((k/8)%2)*128 + (k%8)*16 + (d%8)*2,
-//       LBO = 128 (next 8 keys), SBO = 256 (next 8 columns)
 #include <type_traits>
 
 #include "common.cuh"
@@ -68,11 +74,12 @@ struct HTraits {
     static constexpr int kOffOff = 128;               // sigma as byte offsets, D x u32
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
     static constexpr int kOffQraw = kOffQ + BM * KC * 2;   // G > 1 only
-    static constexpr int kOffKraw = kOffQraw + (kFused ? (BM * kPitchQraw + 127) / 128 * 128 : 0);
-    static constexpr int kKrawBytes = (BN * kPitchKraw + 127) / 128 * 128;
+    static constexpr int kOffKraw = kOffQraw + (kFused ? (BM * kPitchQraw + 1023) / 1024 * 1024 : 0);
+    static constexpr int kKrawBytes = (BN * kPitchKraw + 1023) / 1024 * 1024;
     static constexpr int kOffStage = kOffKraw + (kFused ? 2 * kKrawBytes : 0);
     static constexpr int kSmem = kOffStage + S * kStageBytes;
     static_assert(kSmem <= 227 * 1024, "shared memory");
+    static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "swizzle atoms");
     static_assert(DG % 8 == 0, "Khat is written in 8-column blocks");
     // setmaxnreg: consumers grow only by what the producer released in this
     // CTA (launch cap 168): 128 * (168 - 56) = 256 * (224 - 168).
@@ -114,9 +121,28 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Descriptor of a no-swizzle canonical layout at shared address `addr`.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+// Descriptor of a canonical layout at shared address `addr` (swizzle mode:
+// 0 none, 1 128-byte).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t swizzle = 0) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
+           ((uint64_t)swizzle << 62);
+}
+
+// Copies `rows` rows of D elements (row r at src + r * stride, rows >= valid
+// zero-filled) into 128-byte-swizzle regions of `rows` * 128 bytes each (one
+// per 64 columns) at dst; 128 threads, thread t of the group = `lt`.
+template <int D, int ROWS, typename T>
+__device__ __forceinline__ void load_sw128(uint32_t dst, const T* src, long long stride, int valid, int lt) {
+    constexpr int kPerRow = D / 8, kIters = ROWS * kPerRow / 128;
+    static_assert(ROWS * kPerRow % 128 == 0, "tile split");
+#pragma unroll 4
+    for (int it = 0; it < kIters; ++it) {
+        const int idx = it * 128 + lt;
+        const int row = idx / kPerRow, c = idx % kPerRow;
+        const uint32_t d = dst + (c / 8) * (ROWS * 128) + row * 128 + (((c % 8) ^ (row % 8)) << 4);
+        const bool ok = row < valid;
+        cp_async16(d, ok ? src + (long long)row * stride + c * 8 : src, ok);
+    }
 }
 
 // Sum of a group's values, rounded once to T (as fwd.cu's group_sum).
@@ -185,45 +211,39 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
         auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
 
-        // V tile j -> MN-major layout of stage s (16-byte copies, zero rows past the end).
+        // V tile j (MN-major operand) and K tile j (G = 1, K-major operand)
+        // into stage s: 128-byte-swizzle regions, zero rows past the end.
         auto load_v = [&](int j, int s) {
-            const int n0 = j * BN;
-            constexpr int kChunks = BN * D / 8, kIters = kChunks / 128;
-#pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                const int idx = it * 128 + lt;
-                const int k8 = idx % 8, khalf = (idx / 8) % 2, c = (idx / 16) % (D / 8), k16 = idx / (2 * D);
-                const int key = k16 * 16 + khalf * 8 + k8;
-                const uint32_t dst = stage_v(s) + k16 * 32 * D + c * 256 + khalf * 128 + k8 * 16;
-                const bool ok = n0 + key < n_kv;
-                cp_async16(dst, ok ? vg + (long long)(n0 + key) * vs + c * 8 : vg, ok);
-            }
+            load_sw128<D, BN>(stage_v(s), vg + (long long)(j * BN) * vs, vs, n_kv - j * BN, lt);
         };
-        // K tile j -> K-major layout of stage s (G = 1).
         auto load_k = [&](int j, int s) {
-            const int n0 = j * BN;
-            constexpr int kChunks = BN * D / 8, kIters = kChunks / 128;
-#pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                const int idx = it * 128 + lt;
-                const int k8 = idx % 8, c = (idx / 8) % (D / 8), kb = idx / D;
-                const int key = kb * 8 + k8;
-                const uint32_t dst = stage_k(s) + c * 128 + kb * (16 * D) + k8 * 16;
-                const bool ok = n0 + key < n_kv;
-                cp_async16(dst, ok ? kg + (long long)(n0 + key) * ks + c * 8 : kg, ok);
-            }
+            load_sw128<D, BN>(stage_k(s), kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
         };
         // K tile j -> row-padded raw buffer r (G > 1; 4-byte copies: the pad is 4 bytes).
         auto load_kraw = [&](int j, int r) {
             const int n0 = j * BN;
             constexpr int kWords = BN * D / 2, kIters = kWords / 128;
+            constexpr int kRowsPerIter = 128 / (D / 2);
             const uint32_t base = sbase + Tr::kOffKraw + r * Tr::kKrawBytes;
+            const int key0 = lt / (D / 2), w = lt % (D / 2);
+            if (n0 + BN <= n_kv) {
+                // A whole tile: no predicates, one pointer increment per copy.
+                const T* g = kg + (long long)(n0 + key0) * ks + 2 * w;
+                const long long step = kRowsPerIter * ks;
+                const uint32_t d = base + key0 * Tr::kPitchKraw + w * 4;
+#pragma unroll 16
+                for (int it = 0; it < kIters; ++it) {
+                    cp_async4(d + it * kRowsPerIter * Tr::kPitchKraw, g);
+                    g += step;
+                }
+            } else {
 #pragma unroll 8
-            for (int it = 0; it < kIters; ++it) {
-                const int idx = it * 128 + lt;
-                const int key = idx / (D / 2), w = idx % (D / 2);
-                const bool ok = n0 + key < n_kv;
-                cp_async4(base + key * Tr::kPitchKraw + w * 4, ok ? kg + (long long)(n0 + key) * ks + 2 * w : kg, ok);
+                for (int it = 0; it < kIters; ++it) {
+                    const int key = key0 + it * kRowsPerIter;
+                    const bool ok = n0 + key < n_kv;
+                    cp_async4(base + key * Tr::kPitchKraw + w * 4, ok ? kg + (long long)(n0 + key) * ks + 2 * w : kg,
+                              ok);
+                }
             }
         };
         // Khat of raw buffer r into stage s: lane = key (conflict-free gathers
@@ -325,16 +345,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         const uint32_t q_op = sbase + Tr::kOffQ + cw * Tr::WM * KC * 2;   // this warpgroup's S operand A
 
         if constexpr (!Tr::kFused) {
-            constexpr int kIters = Tr::WM * D / 8 / 128;
-#pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                const int idx = it * 128 + lt;
-                const int r8 = idx % 8, c = (idx / 8) % (D / 8), rb = idx / D;
-                const int row = rb * 8 + r8;
-                const bool ok = r0 + row < n_q;
-                cp_async16(q_op + c * 128 + rb * (16 * D) + r8 * 16, ok ? qg + (long long)(r0 + row) * qs + c * 8 : qg,
-                           ok);
-            }
+            load_sw128<D, Tr::WM>(q_op, qg + (long long)r0 * qs, qs, n_q - r0, lt);
             cp_async_commit();
             cp_async_wait_all();
             fence_proxy_async();
@@ -383,7 +394,22 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             named_bar(2 + cw, 128);
         }
 
-        const uint64_t desc_q = make_desc(q_op, 128, 16 * KC);
+        // S operands: G = 1 swizzled Q and K (next region every 4 k-steps),
+        // G > 1 the no-swizzle Qhat and Khat.
+        auto desc_a = [&](int kk) {
+            if constexpr (Tr::kFused) {
+                return make_desc(q_op + kk * 256, 128, 16 * KC);
+            } else {
+                return make_desc(q_op + (kk / 4) * (Tr::WM * 128) + (kk % 4) * 32, 16, 1024, 1);
+            }
+        };
+        auto desc_b = [&](uint32_t kst, int kk) {
+            if constexpr (Tr::kFused) {
+                return make_desc(kst + kk * 256, 128, 16 * KC);
+            } else {
+                return make_desc(kst + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024, 1);
+            }
+        };
         float acc_o[D / 2];
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
@@ -399,11 +425,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 
             // ---- S = Qhat Khat^T ----
             float acc_s[BN / 2];
-            const uint64_t desc_k = make_desc(kst, 128, 16 * KC);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < KC / 16; ++kk)
-                Wgmma<BN, kBf16>::ss(acc_s, desc_q + kk * (256 >> 4), desc_k + kk * (256 >> 4), kk > 0);
+            for (int kk = 0; kk < KC / 16; ++kk) Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), kk > 0);
             wgmma_commit();
             wgmma_wait0();
             fence_regs(acc_s);
@@ -463,11 +487,10 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 pf[kk][2] = Nm::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
                 pf[kk][3] = Nm::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
             }
-            const uint64_t desc_v = make_desc(kst + Tr::kKBytes, 128, 256);
+            const uint64_t desc_v = make_desc(kst + Tr::kKBytes, BN * 128, 1024, 1);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-                Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * ((32 * D) >> 4), 1);
+            for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
             wgmma_commit();
             wgmma_wait0();
             fence_regs(acc_o);

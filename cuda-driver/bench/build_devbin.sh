@@ -11,7 +11,7 @@ source .ci/cuda.sh --env-only
 # DEVBIN=dir packs elsewhere (for example into the tree the device tool sends).
 out="${DEVBIN:-.devbin}"
 mkdir -p "$out"
-rm -f "$out"/*
+rm -f "$out"/*.xz
 msg=$(cargo test -p distr-attention-cuda --features cuda --no-run --message-format=json 2>/dev/null)
 for t in gpu hopper validation; do
     exe=$(echo "$msg" | python3 -c "import json,sys
