@@ -11,7 +11,9 @@
 #     with a private apt state dir into .tools/libcuda/lib64, for linking
 #     `cust` and for starting test binaries (cuInit then reports "no device").
 #
-# Environment it sets for cargo: NVCC, CUDA_LIBRARY_PATH, LD_LIBRARY_PATH.
+# Environment it sets for cargo: NVCC, CUDA_LIBRARY_PATH, LD_LIBRARY_PATH,
+# and LIBRARY_PATH (C programs linking the static C library built with CUDA
+# need -lcuda).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
@@ -65,6 +67,7 @@ SRC
 fi
 export CUDA_LIBRARY_PATH="$libcuda"
 export LD_LIBRARY_PATH="$libcuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LIBRARY_PATH="$libcuda/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 if [ "${1:-}" = "--env-only" ]; then
     # `source .ci/cuda.sh --env-only` prepares a developer shell and stops here.
@@ -76,3 +79,12 @@ cargo clippy -p distr-attention-cuda --features cuda --all-targets -- -D warning
 
 echo "== cargo test -p distr-attention-cuda --features cuda"
 cargo test -p distr-attention-cuda --features cuda -- --nocapture
+
+# The C ABI with its CUDA entry points: the same header (checked by the
+# header test whatever the features), the Rust tests of the entry points'
+# checks, the C/C++/Python programs against the CUDA build, and the CUDA
+# programs built with nvcc (they skip without a GPU).
+echo "== cargo clippy -p distr-attention-ffi --features cuda"
+cargo clippy -p distr-attention-ffi --features cuda --all-targets -- -D warnings
+echo "== cargo test -p distr-attention-ffi --features cuda"
+cargo test -p distr-attention-ffi --features cuda

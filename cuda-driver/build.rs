@@ -53,9 +53,25 @@ impl Target {
 /// Head dimensions and element types with an attention kernel.
 pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 pub const DTYPES: [&str; 2] = ["f16", "bf16"];
+/// Head dimensions with a Hopper (wgmma) attention kernel.
+pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
 
 fn units() -> Vec<Unit> {
     let mut v = vec![Unit { name: "plan".into(), source: "plan.cu", defines: vec![] }];
+    // The Hopper kernel (kernels/hfwd.cu): a real body only in the sm_90a image.
+    for dtype in DTYPES {
+        for d in HOPPER_HEAD_DIMS {
+            v.push(Unit {
+                name: format!("hfwd_{dtype}_d{d}"),
+                source: "hfwd.cu",
+                defines: vec![
+                    format!("DA_DTYPE={dtype}"),
+                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+                    format!("DA_HEAD_DIM={d}"),
+                ],
+            });
+        }
+    }
     for dtype in DTYPES {
         for d in HEAD_DIMS {
             v.push(Unit {
@@ -119,7 +135,7 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu"] {
+    for f in ["common.cuh", "plan.cu", "fwd.cu", "hfwd.cu", "wgmma_ops.cuh"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
     println!("cargo:rerun-if-changed={}", kernels.join("bwd.cu").display());

@@ -5,6 +5,11 @@
  *
  * DA_STATUS_PANIC cannot be provoked through the API (it reports a library
  * bug); its description is checked, and the Rust tests cover the boundary.
+ *
+ * The CUDA entry points are checked here as far as no CUDA context is needed
+ * (this program never starts one): what a build without CUDA answers, the
+ * NULL handle, and that a handle cannot be created without a current
+ * context. cuda_status_test.cu checks them on a device.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,7 +39,7 @@ enum { N = 20, H = 2, D = 16 };
 static float q[N * H * D], k[N * H * D], v[N * H * D], out[N * H * D + 1], lse[H * N + 1];
 static uint16_t plan[4 * H * D + 1];
 /* The last status of this version (statuses are numbered without gaps). */
-#define LAST_STATUS DA_STATUS_NOT_FOUND
+#define LAST_STATUS DA_STATUS_CUDA_UNAVAILABLE
 
 static da_tensor dense(const void *data, size_t heads) {
     da_tensor t;
@@ -332,6 +337,40 @@ int main(void) {
         tk1.seq = 1, tk1.heads = 1;
         expect("scratch allocation", da_exact_attention(ctx, &cfg, &t, &tk1, &big_v, &big_o, NULL, 0),
                DA_STATUS_ALLOCATION_FAILED, "could not allocate");
+    }
+
+    /* ---- the CUDA entry points, without a CUDA context. */
+    {
+        da_cuda_context *cctx = (da_cuda_context *)&cfg; /* any non-NULL value: must be reset */
+        da_status s = da_cuda_context_create(&cctx);
+        if (cctx != NULL) {
+            failed++;
+            printf("FAIL da_cuda_context_create left a handle behind after failing\n");
+        }
+        if (da_cuda_built()) {
+            /* Without a GPU cuInit fails; with one, no context is current here. */
+            expect("da_cuda_context_create, no context", s, DA_STATUS_CUDA_ERROR, "CUDA");
+            expect("da_cuda_context_create NULL out", da_cuda_context_create(NULL), DA_STATUS_NULL_POINTER, "out");
+            expect("da_cuda_forward NULL handle",
+                   da_cuda_forward(NULL, &cfg, &tq, &tk, &tv, &to, NULL, 0, NULL, 0, NULL), DA_STATUS_NULL_POINTER,
+                   "context");
+            expect("da_cuda_plan NULL handle", da_cuda_plan(NULL, &cfg, &tq, plan, shape.num_entries, NULL),
+                   DA_STATUS_NULL_POINTER, "context");
+        } else {
+            expect("da_cuda_context_create, no CUDA", s, DA_STATUS_CUDA_UNAVAILABLE, "built without CUDA");
+            expect("da_cuda_forward, no CUDA", da_cuda_forward(NULL, &cfg, &tq, &tk, &tv, &to, NULL, 0, NULL, 0, NULL),
+                   DA_STATUS_CUDA_UNAVAILABLE, "built without CUDA");
+            expect("da_cuda_attention, no CUDA",
+                   da_cuda_attention(NULL, &cfg, plan, shape.num_entries, &tq, &tk, &tv, &to, NULL, 0, NULL),
+                   DA_STATUS_CUDA_UNAVAILABLE, "built without CUDA");
+            expect("da_cuda_exact_attention, no CUDA",
+                   da_cuda_exact_attention(NULL, &cfg, &tq, &tk, &tv, &to, NULL, 0, NULL), DA_STATUS_CUDA_UNAVAILABLE,
+                   "built without CUDA");
+            expect("da_cuda_plan, no CUDA", da_cuda_plan(NULL, &cfg, &tq, plan, shape.num_entries, NULL),
+                   DA_STATUS_CUDA_UNAVAILABLE, "built without CUDA");
+        }
+        da_cuda_context_destroy(NULL);
+        printf("CUDA entry points: %s\n", da_cuda_built() ? "built" : "not built");
     }
 
     /* The status strings, the copy form of the message, the version. */

@@ -9,9 +9,11 @@
  * Conventions: every fallible function returns a da_status (DA_STATUS_OK is 0)
  * and, on failure, sets a thread-local message (da_last_error_message). All
  * arguments are validated before anything is written. The library keeps no
- * pointer to caller memory after a call. Entry points of this version run on
- * the CPU and take host pointers. A da_context may be used by one thread at a
- * time.
+ * pointer to caller memory after a call. The da_* entry points run on the CPU
+ * and take host pointers; the da_cuda_* entry points take device pointers and
+ * the caller's CUDA stream and queue kernels on it (a library built without
+ * CUDA returns DA_STATUS_CUDA_UNAVAILABLE from them; da_cuda_built tells). A
+ * da_context or da_cuda_context may be used by one thread at a time.
  */
 
 #ifndef DISTR_ATTENTION_H
@@ -19,9 +21,6 @@
 
 #include <stddef.h>
 #include <stdint.h>
-
-// Number of call kinds [`run`] chooses from.
-#define CALL_KINDS 14
 
 // The result of every fallible function of the library.
 //
@@ -44,8 +43,9 @@ enum da_status
   // An argument has a value no class below covers: an unknown dtype, fusion,
   // grouping or planner target value, a planner target out of its range, no
   // calibration sample, a string that is not UTF-8, a layer found in several
-  // files of a table when no file was named, or a config whose `struct_size`
-  // is too small.
+  // files of a table when no file was named, a config whose `struct_size`
+  // is too small, or (CUDA entry points) a pointer that is not memory CUDA
+  // knows, memory of another device, or a stream of another CUDA context.
   DA_STATUS_INVALID_ARGUMENT = 3,
   // The config is invalid: `block_rows` 0, `num_projections` outside 1..=32, a
   // negative or infinite scale, a group size that is 0 or does not divide the head
@@ -58,7 +58,8 @@ enum da_status
   DA_STATUS_SHAPE_MISMATCH = 6,
   // A size or an address computed from shapes and strides overflows.
   DA_STATUS_SIZE_OVERFLOW = 7,
-  // A caller buffer (plan, lse, projections) is shorter than needed.
+  // A caller buffer (plan, lse, projections) is shorter than needed, or (CUDA
+  // entry points) a tensor's extent runs past the end of its CUDA allocation.
   DA_STATUS_BUFFER_TOO_SMALL = 8,
   // A buffer the call writes overlaps another buffer of the call, or the output's
   // strides make two of its elements share memory.
@@ -67,12 +68,16 @@ enum da_status
   DA_STATUS_NON_FINITE = 10,
   // A plan passed in is not a permutation of the head-dimension columns in every block.
   DA_STATUS_BAD_PLAN = 11,
-  // A combination this build does not support: an output dtype other than f32,
-  // K or V of a dtype other than Q's (or calibration samples of different
-  // dtypes), a grouping mode the function cannot use (key-weighted plans need
-  // the keys: `da_plan_with_keys`), a group size the grouping mode does not
-  // support (similarity modes need powers of two), or a config field of a
-  // newer header (bytes past the known end of `da_config` that are not zero).
+  // A combination this build does not support: an output dtype other than f32
+  // (CUDA: f32 or Q's dtype), K or V of a dtype other than Q's (or calibration
+  // samples of different dtypes), a grouping mode the function cannot use
+  // (key-weighted plans need the keys: `da_plan_with_keys`; the GPU plans LSH
+  // only), a group size the grouping mode does not support (similarity modes
+  // need powers of two), a config field of a newer header (bytes past the
+  // known end of `da_config` that are not zero), or what the CUDA kernels do
+  // not cover (f32 inputs, head dimensions other than 32, 64 and 128,
+  // `block_rows` other than 64 and 128, G outside 1, 2, 4, 8, a device older
+  // than compute capability 8.0).
   DA_STATUS_UNSUPPORTED = 12,
   // Scratch memory could not be allocated.
   DA_STATUS_ALLOCATION_FAILED = 13,
@@ -88,6 +93,14 @@ enum da_status
   DA_STATUS_BAD_TABLE = 16,
   // A group-size table has no entry for the requested layer (or file).
   DA_STATUS_NOT_FOUND = 17,
+  // A CUDA driver call of a `da_cuda_*` function failed: the message names the
+  // call and the driver's error (e.g. "cuInit failed: CUDA_ERROR_NO_DEVICE
+  // (100)"), or says that no CUDA context, or not the handle's, is current on the
+  // calling thread.
+  DA_STATUS_CUDA_ERROR = 18,
+  // A `da_cuda_*` function was called on a library built without CUDA (cargo
+  // feature `cuda` of distr-attention-ffi). `da_cuda_built` tells in advance.
+  DA_STATUS_CUDA_UNAVAILABLE = 19,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -97,8 +110,9 @@ typedef uint32_t da_status;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// Element type of a tensor (the `dtype` field of `da_tensor`). Outputs are
-// always f32.
+// Element type of a tensor (the `dtype` field of `da_tensor`). Outputs of the
+// CPU entry points are f32; those of the `da_cuda_*` entry points f32 or the
+// inputs' type.
 enum da_dtype
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t
@@ -202,6 +216,19 @@ typedef uint32_t da_budget_target;
 // one. Different contexts may be used concurrently.
 typedef struct da_context da_context;
 
+// An opaque handle of the CUDA backend, bound to the CUDA context that was
+// current on the calling thread when it was created (with the runtime API:
+// the device's primary context, current after `cudaSetDevice` or any runtime
+// call). It holds the loaded kernel modules (loaded once per CUDA context and
+// shared by the handles of that context) and the LSH projection matrices it
+// uploaded.
+//
+// Create it with `da_cuda_context_create` and destroy it with
+// `da_cuda_context_destroy`. Every call needs the handle's context current on
+// the calling thread. A handle may be used by one thread at a time; different
+// handles may be used concurrently.
+typedef struct da_cuda_context da_cuda_context;
+
 // Parameters of DistrAttention (see ALGORITHM.md of the project).
 //
 // Initialise it with `da_config_default(&config, sizeof config)`, which also
@@ -255,7 +282,9 @@ typedef struct da_config {
   uint32_t grouping;
 } da_config;
 
-// Descriptor of a `[batch, seq, heads, head_dim]` tensor in host memory.
+// Descriptor of a `[batch, seq, heads, head_dim]` tensor: in host memory for
+// the `da_*` entry points, in memory the GPU can read (device, managed or
+// page-locked host memory) for the `da_cuda_*` ones.
 //
 // The last dimension is contiguous; the other strides are in elements (not
 // bytes) and may describe views, e.g. Q, K and V interleaved in one buffer.
@@ -630,6 +659,154 @@ da_status da_context_new(struct da_context **out);
 // `ctx` must be NULL or a handle from `da_context_new` that has not been freed
 // and is not in use by another thread. The handle is invalid afterwards.
 void da_context_free(struct da_context *ctx);
+
+// 1 when this library was built with the CUDA entry points (cargo feature
+// `cuda`), 0 when every `da_cuda_*` function returns
+// `DA_STATUS_CUDA_UNAVAILABLE`. Says nothing about the presence of a GPU:
+// `da_cuda_context_create` finds that out.
+uint32_t da_cuda_built(void);
+
+// Creates a CUDA handle for the CUDA context current on the calling thread
+// and stores it in `*out`. Initialises the driver API (`cuInit`) if needed.
+// Fails with `DA_STATUS_CUDA_ERROR` when the driver cannot start (no device:
+// "cuInit failed: CUDA_ERROR_NO_DEVICE") or no context is current, and with
+// `DA_STATUS_UNSUPPORTED` on a device older than compute capability 8.0.
+// Kernel modules are loaded on first use.
+//
+// On failure `*out` is set to NULL (when `out` itself is not NULL).
+//
+// # Safety
+// `out` must be NULL (`DA_STATUS_NULL_POINTER`) or point to writable storage
+// for one pointer.
+da_status da_cuda_context_create(struct da_cuda_context **out);
+
+// Destroys a CUDA handle. It first waits for the work of its CUDA context to
+// finish (`cuCtxSynchronize`, with the context made current for the
+// duration), because kernels launched through the handle read device memory
+// the handle owns (the LSH projections). `da_cuda_context_destroy(NULL)`
+// does nothing.
+//
+// # Safety
+// `ctx` must be NULL or a handle from `da_cuda_context_create` that has not
+// been destroyed and is not in use by another thread. The handle is invalid
+// afterwards.
+void da_cuda_context_destroy(struct da_cuda_context *ctx);
+
+// Computes the LSH plan of `q` on the GPU into `plan`, asynchronously on
+// `stream`: `uint16_t` entries in device memory, laid out as `da_plan`'s
+// (`da_get_plan_shape` gives the count). The plan equals the CPU's
+// (`da_plan`) except where a projection's dot product is within rounding of
+// zero (the GPU accumulates in f32).
+//
+// * `q`: a `da_tensor` whose `data` is device memory, f16 or bf16, `head_dim`
+//   in {16, 32, 64, 128}, 8-byte aligned with strides multiples of 4.
+// * `config`: host memory; `block_rows` at most 128, LSH grouping only (plan
+//   other groupings on the CPU and upload them).
+// * `plan`: device memory, `plan_len >= num_entries` entries, 2-byte aligned;
+//   must not overlap Q.
+// * `stream`: a `CUstream` / `cudaStream_t` of the handle's context, or NULL
+//   for the default stream (the legacy stream).
+//
+// Returns once the kernel is queued; its errors surface at the caller's next
+// synchronisation. The buffers must stay allocated until the stream has run
+// it.
+//
+// # Safety
+// `ctx` NULL or a live handle not used concurrently; `config` and `q` NULL
+// or readable host structs; `q->data` and `plan` device memory covering the
+// extents their shapes and lengths describe (checked against their CUDA
+// allocations where the driver knows them); `stream` NULL or a live stream.
+da_status da_cuda_plan(struct da_cuda_context *ctx,
+                       const struct da_config *config,
+                       const struct da_tensor *q,
+                       uint16_t *plan,
+                       size_t plan_len,
+                       void *stream);
+
+// DistrAttention on a plan on the GPU, asynchronously on `stream`.
+//
+// * `q`: `[batch, q_len, q_heads, head_dim]`, `k`: `[batch, kv_len,
+//   kv_heads, head_dim]`, `v`: `[batch, kv_len, kv_heads, head_dim]` in
+//   device memory, f16 or bf16 (all the same), `head_dim` in {32, 64, 128},
+//   16-byte aligned with strides multiples of 8 elements; `q_heads` a
+//   multiple of `kv_heads`. They may share memory (a packed QKV buffer). Not
+//   checked for NaN or infinity (they propagate to the output).
+// * `out`: `[batch, q_len, q_heads, head_dim]` in device memory, of dtype f32
+//   or Q's dtype (the caller's choice), aligned to two elements with even
+//   strides, elements not sharing memory; written.
+// * `lse`: NULL, or `lse_len >= batch * q_heads * q_len` floats of device
+//   memory that receive the natural-log row log-sum-exp, dense `[batch,
+//   q_heads, q_len]` (-infinity, with output 0, for a row that sees no key).
+// * `plan`: device memory, `plan_len >= num_entries` entries (from
+//   `da_cuda_plan`, or a CPU plan uploaded); NULL when every head has G = 1.
+//   Entries are clamped to `head_dim - 1` on the device: a corrupt plan gives
+//   wrong numbers, never an out-of-bounds access.
+// * `config`: as for `da_attention`, with `block_rows` 64 or 128 and every
+//   head's G in {1, 2, 4, 8}.
+// * `stream`: as for `da_cuda_plan`.
+//
+// The buffers written (`out`, `lse`) must not overlap each other nor any
+// input. Asynchrony as for `da_cuda_plan`. A failed check launches nothing;
+// a CUDA error while launching (`DA_STATUS_CUDA_ERROR`) may leave kernels
+// already queued.
+//
+// # Safety
+// As for `da_cuda_plan`, for every pointer of the call.
+da_status da_cuda_attention(struct da_cuda_context *ctx,
+                            const struct da_config *config,
+                            const uint16_t *plan,
+                            size_t plan_len,
+                            const struct da_tensor *q,
+                            const struct da_tensor *k,
+                            const struct da_tensor *v,
+                            const struct da_tensor *out,
+                            float *lse,
+                            size_t lse_len,
+                            void *stream);
+
+// Exact attention (every head G = 1, no plan) on the GPU, with the arguments
+// of `da_cuda_attention` less the plan. The config's group sizes and
+// `block_rows` are validated (as by the core) but do not change the result;
+// `causal` and `scale` apply.
+//
+// # Safety
+// As for `da_cuda_attention`.
+da_status da_cuda_exact_attention(struct da_cuda_context *ctx,
+                                  const struct da_config *config,
+                                  const struct da_tensor *q,
+                                  const struct da_tensor *k,
+                                  const struct da_tensor *v,
+                                  const struct da_tensor *out,
+                                  float *lse,
+                                  size_t lse_len,
+                                  void *stream);
+
+// One-shot DistrAttention on the GPU: the plan of Q (as `da_cuda_plan`), then
+// attention with it (as `da_cuda_attention`), both on `stream`. Arguments as
+// for `da_cuda_attention`, except the plan:
+//
+// * `plan_out`: NULL, or `plan_len >= num_entries` entries of device memory
+//   that receive the plan (e.g. to replay it on the CPU); it must not overlap
+//   any other buffer. With NULL, the plan lives in a workspace allocated and
+//   freed in stream order (`cuMemAllocAsync` / `cuMemFreeAsync`) on `stream`;
+//   when additionally every head has G = 1 no plan is computed at all.
+//
+// All arguments of both steps are checked before the first launch.
+//
+// # Safety
+// As for `da_cuda_attention`; `plan_out` NULL or device memory of `plan_len`
+// entries.
+da_status da_cuda_forward(struct da_cuda_context *ctx,
+                          const struct da_config *config,
+                          const struct da_tensor *q,
+                          const struct da_tensor *k,
+                          const struct da_tensor *v,
+                          const struct da_tensor *out,
+                          float *lse,
+                          size_t lse_len,
+                          uint16_t *plan_out,
+                          size_t plan_len,
+                          void *stream);
 
 // The message of the last failed call on the calling thread, or "" if the last
 // call succeeded.

@@ -10,7 +10,8 @@
 //
 // Also: grouping modes (Config::grouping, Context::plan_with_keys), per-head
 // error estimates (Context::estimate_errors), the error-budget planner
-// (choose_group_sizes) and its JSON tables (load_group_sizes).
+// (choose_group_sizes) and its JSON tables (load_group_sizes), and the CUDA
+// entry points on device memory and a stream (CudaContext).
 //
 // Failures throw distr_attention::Error, which carries the status and the
 // library's message. Handles are released by destructors; nothing here
@@ -317,6 +318,57 @@ private:
     }
 
     da_context *ctx_ = nullptr;
+};
+
+// The CUDA entry points (a library built with the cargo feature `cuda`;
+// otherwise the constructor throws with DA_STATUS_CUDA_UNAVAILABLE). Bound to
+// the CUDA context current at construction; tensors hold device pointers,
+// `plan` and `lse` are device buffers of the given lengths, and `stream` is a
+// cudaStream_t / CUstream (nullptr: the default stream). Calls queue kernels
+// and return.
+class CudaContext {
+public:
+    CudaContext() { check(da_cuda_context_create(&ctx_)); }
+    ~CudaContext() { da_cuda_context_destroy(ctx_); }
+    CudaContext(const CudaContext &) = delete;
+    CudaContext &operator=(const CudaContext &) = delete;
+    CudaContext(CudaContext &&other) noexcept : ctx_(std::exchange(other.ctx_, nullptr)) {}
+    CudaContext &operator=(CudaContext &&other) noexcept {
+        if (this != &other) {
+            da_cuda_context_destroy(ctx_);
+            ctx_ = std::exchange(other.ctx_, nullptr);
+        }
+        return *this;
+    }
+
+    da_cuda_context *get() const noexcept { return ctx_; }
+
+    void plan(const Config &config, const da_tensor &q, std::uint16_t *plan, std::size_t plan_len,
+              void *stream) {
+        check(da_cuda_plan(ctx_, config.get(), &q, plan, plan_len, stream));
+    }
+
+    // `plan` may be nullptr when every head has G = 1.
+    void attention(const Config &config, const std::uint16_t *plan, std::size_t plan_len, const da_tensor &q,
+                   const da_tensor &k, const da_tensor &v, const da_tensor &out, void *stream,
+                   float *lse = nullptr, std::size_t lse_len = 0) {
+        check(da_cuda_attention(ctx_, config.get(), plan, plan_len, &q, &k, &v, &out, lse, lse_len, stream));
+    }
+
+    void exact_attention(const Config &config, const da_tensor &q, const da_tensor &k, const da_tensor &v,
+                         const da_tensor &out, void *stream, float *lse = nullptr, std::size_t lse_len = 0) {
+        check(da_cuda_exact_attention(ctx_, config.get(), &q, &k, &v, &out, lse, lse_len, stream));
+    }
+
+    // `plan_out` may be nullptr (the plan then lives in a stream-ordered workspace).
+    void forward(const Config &config, const da_tensor &q, const da_tensor &k, const da_tensor &v,
+                 const da_tensor &out, void *stream, float *lse = nullptr, std::size_t lse_len = 0,
+                 std::uint16_t *plan_out = nullptr, std::size_t plan_len = 0) {
+        check(da_cuda_forward(ctx_, config.get(), &q, &k, &v, &out, lse, lse_len, plan_out, plan_len, stream));
+    }
+
+private:
+    da_cuda_context *ctx_ = nullptr;
 };
 
 }  // namespace distr_attention

@@ -39,11 +39,18 @@ is already imported)::
     da.register_transformers(da.Config(group_size=2))
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="distr_attention")
 
-The C entry points of this version run on the CPU (host memory). Tensors are
-turned into descriptors by :func:`_describe`, which records the device of each
-tensor; :func:`_host_only` is where GPU entry points on torch tensors
-(``data_ptr()``, ``stride()``, the current stream) will plug in: each public
-function then picks the C entry point for the tensors' device.
+CUDA: :func:`plan`, :func:`attention`, :func:`exact_attention` and
+:func:`forward` also take torch CUDA tensors (f16 or bf16, ``[batch, seq,
+heads, head_dim]`` with any element strides whose last dimension is
+contiguous), when the library was built with the CUDA entry points
+(``cargo build --release -p distr-attention-ffi --features cuda``;
+:func:`cuda_built` tells). They pass ``data_ptr()``, the strides and
+``torch.cuda.current_stream().cuda_stream`` to the ``da_cuda_*`` functions,
+which queue the kernels on that stream and return; results are torch tensors
+on the same device, the output in ``q``'s dtype unless ``out_dtype`` (or
+``out``) says float32. A :class:`CudaContext` per thread and device is made
+on first use. :class:`DistrAttentionFunction` (and so :func:`hf_attention`)
+runs its forward on CUDA tensors; their backward is not available yet.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ __all__ = [
     "BudgetPlan",
     "Config",
     "Context",
+    "CudaContext",
     "DistrAttentionError",
     "DistrAttentionFunction",
     "Status",
@@ -69,6 +77,7 @@ __all__ = [
     "attention_backward",
     "choose_group_sizes",
     "config_from_table",
+    "cuda_built",
     "distr_attention",
     "estimate_errors",
     "exact_attention",
@@ -106,6 +115,8 @@ class Status(enum.IntEnum):
     IO_ERROR = 15
     BAD_TABLE = 16
     NOT_FOUND = 17
+    CUDA_ERROR = 18
+    CUDA_UNAVAILABLE = 19
 
 
 class DistrAttentionError(RuntimeError):
@@ -228,6 +239,22 @@ _SIGNATURES = {
         _STATUS,
         [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _P, _SIZE, ctypes.POINTER(_SIZE), ctypes.POINTER(_Config)],
     ),
+    "da_cuda_built": (ctypes.c_uint32, []),
+    "da_cuda_context_create": (_STATUS, [ctypes.POINTER(_P)]),
+    "da_cuda_context_destroy": (None, [_P]),
+    "da_cuda_plan": (_STATUS, [_P, ctypes.POINTER(_Config), ctypes.POINTER(_Tensor), _P, _SIZE, _P]),
+    "da_cuda_attention": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config), _P, _SIZE] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P],
+    ),
+    "da_cuda_exact_attention": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P],
+    ),
+    "da_cuda_forward": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P, _SIZE, _P],
+    ),
 }
 
 _lib = None
@@ -265,6 +292,13 @@ def library() -> ctypes.CDLL:
 
 def version() -> str:
     return library().da_version().decode()
+
+
+def cuda_built() -> bool:
+    """Whether the loaded library has the CUDA entry points (built with the
+    cargo feature ``cuda``); without them CUDA tensors raise
+    :class:`DistrAttentionError` with ``Status.CUDA_UNAVAILABLE``."""
+    return bool(library().da_cuda_built())
 
 
 def _check(status: int) -> None:
@@ -380,26 +414,30 @@ def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "data_ptr")
 
 
-def _host_only(x, name: str) -> None:
-    """Refuses tensors that are not in host memory.
+def _is_cuda(x) -> bool:
+    return _is_torch(x) and x.device.type == "cuda"
 
-    The entry points of this library version take host pointers. GPU entry
-    points (device pointers and the current stream) will be chosen here by the
-    tensors' device; until then a CUDA tensor is an error, not a silent copy.
-    """
+
+def _host_only(x, name: str) -> None:
+    """Refuses tensors that are not in host memory where a CPU entry point
+    needs them (the CUDA entry points cover plans, attention and the forward
+    pass, not the backward pass, the estimates or the planner): an error, not
+    a silent copy."""
     device = getattr(x, "device", None)
     if device is not None and getattr(device, "type", "cpu") != "cpu":
         raise NotImplementedError(
-            f"{name}: a tensor on {device} needs the library's CUDA entry points, which this version does not "
-            "have; move it to the CPU"
+            f"{name}: a tensor on {device}: this function has no CUDA entry point in this library version; "
+            "move it to the CPU"
         )
 
 
-def _describe_torch(x, name: str) -> _Tensor:
-    """The C descriptor of a ``[batch, seq, heads, head_dim]`` torch tensor in host memory."""
+def _describe_torch(x, name: str, device_ok: bool = False) -> _Tensor:
+    """The C descriptor of a ``[batch, seq, heads, head_dim]`` torch tensor
+    (in host memory, or on a CUDA device with ``device_ok``)."""
     import torch
 
-    _host_only(x, name)
+    if not device_ok:
+        _host_only(x, name)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
     codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
@@ -472,6 +510,180 @@ def _output(np, out, shape, name="out"):
     return out
 
 
+# --- CUDA: torch tensors on a GPU ----------------------------------------------
+#
+# The da_cuda_* functions take device pointers and a stream; the handle they
+# need is bound to the CUDA context current at its creation, which must be
+# current at every call. PyTorch uses each device's primary context, which a
+# thread that has not touched the device yet may not have current:
+# `_activate` makes it current through the driver API (libcuda).
+
+_LIBCUDA = None
+_PRIMARY: dict = {}
+
+
+def _libcuda():
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+    return _LIBCUDA
+
+
+def _cu_check(call: str, result: int) -> None:
+    if result != 0:
+        raise DistrAttentionError(Status.CUDA_ERROR, f"{call} failed: CUDA driver error {result}")
+
+
+def _activate(index: int) -> None:
+    """Makes the primary context of CUDA device ``index`` (PyTorch's) current on this thread."""
+    cu = _libcuda()
+    primary = _PRIMARY.get(index)
+    if primary is None:
+        _torch().cuda.init()
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        _cu_check("cuDeviceGet", cu.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(index)))
+        # One reference for the life of the process (PyTorch holds the context anyway).
+        _cu_check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        primary = _PRIMARY[index] = ctx.value
+    current = ctypes.c_void_p()
+    _cu_check("cuCtxGetCurrent", cu.cuCtxGetCurrent(ctypes.byref(current)))
+    if current.value != primary:
+        _cu_check("cuCtxSetCurrent", cu.cuCtxSetCurrent(ctypes.c_void_p(primary)))
+
+
+class CudaContext:
+    """A ``da_cuda_context``: the library's CUDA handle for one device (bound to
+    its primary context, PyTorch's), which holds the loaded kernels and the LSH
+    projections. Use one per thread and device; the functions make one per
+    thread and device on first use when none is given. Closing it waits for
+    the device's queued work."""
+
+    def __init__(self, device=None):
+        torch = _torch()
+        device = torch.device("cuda" if device is None else device)
+        if device.type != "cuda":
+            raise ValueError(f"CudaContext: expected a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._ptr = _P()
+        if cuda_built():
+            _activate(device.index)
+        # Without the CUDA entry points the library says so (Status.CUDA_UNAVAILABLE).
+        _check(library().da_cuda_context_create(ctypes.byref(self._ptr)))
+
+    def close(self) -> None:
+        if self._ptr:
+            library().da_cuda_context_destroy(self._ptr)
+            self._ptr = _P()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+_cuda_default = threading.local()
+
+
+def _cuda_context(context, device) -> _P:
+    """The handle for ``device`` on this thread (``context`` or the thread's default), made current."""
+    if context is None:
+        handles = getattr(_cuda_default, "handles", None)
+        if handles is None:
+            handles = _cuda_default.handles = {}
+        context = handles.get(device.index)
+        if context is None:
+            context = handles[device.index] = CudaContext(device)
+    elif not isinstance(context, CudaContext):
+        raise TypeError(f"context: CUDA tensors need a CudaContext, got {type(context).__name__}")
+    elif context.device != device:
+        raise ValueError(f"context: a CudaContext of {context.device}, the tensors are on {device}")
+    _activate(device.index)
+    return context._ptr
+
+
+def _stream(torch, device):
+    """The current stream of ``device`` as the C ABI's ``void *`` (None: the default stream)."""
+    return torch.cuda.current_stream(device).cuda_stream or None
+
+
+def _cuda_descs(tensors, device):
+    descs = []
+    for x, name in tensors:
+        if not _is_cuda(x) or x.device != device:
+            where = getattr(x, "device", "the host")
+            raise ValueError(f"{name}: expected a CUDA tensor on {device}, got one on {where}")
+        descs.append(_describe_torch(x, name, device_ok=True))
+    return descs
+
+
+def _plan_tensor(torch, q, config, device):
+    s = plan_shape(tuple(q.shape), config)
+    shape = (s["batch"], s["heads"], s["blocks"], s["head_dim"])
+    return torch.empty(shape, dtype=getattr(torch, "uint16", torch.int16), device=device)
+
+
+def _device_plan(torch, plan, device):
+    """A plan as a contiguous 2-byte integer tensor on ``device`` (numpy arrays and other devices' tensors copied)."""
+    if _is_torch(plan):
+        if plan.element_size() != 2 or plan.is_floating_point():
+            raise TypeError(f"plan: expected a uint16 (or int16) tensor, got {plan.dtype}")
+        return plan.to(device).contiguous()
+    np = _np()
+    return torch.from_numpy(np.ascontiguousarray(plan, dtype=np.uint16).view(np.int16)).to(device)
+
+
+def _cuda_plan(q, config: Config, context):
+    torch = _torch()
+    device = q.device
+    p = _plan_tensor(torch, q, config, device)
+    c, _keep = config._c()
+    (tq,) = _cuda_descs([(q, "q")], device)
+    handle = _cuda_context(context, device)
+    _check(library().da_cuda_plan(handle, ctypes.byref(c), ctypes.byref(tq), p.data_ptr(), p.numel(),
+                                  _stream(torch, device)))
+    return p
+
+
+def _cuda_attend(kind: str, q, k, v, config: Config, plan=None, out=None, out_dtype=None, return_lse=False,
+                 return_plan=False, context=None):
+    """``kind``: "attention" (on ``plan``; None when every head has G = 1), "exact" or "forward"."""
+    torch = _torch()
+    device = q.device
+    if out is None:
+        out = torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=out_dtype or q.dtype, device=device)
+    tensors = _cuda_descs([(q, "q"), (k, "k"), (v, "v"), (out, "out")], device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=device) if return_lse else None
+    lse_ptr, lse_len = (lse.data_ptr(), lse.numel()) if lse is not None else (None, 0)
+    c, _keep = config._c()
+    handle = _cuda_context(context, device)
+    stream = _stream(torch, device)
+    lib = library()
+    p = None
+    if kind == "attention":
+        p = None if plan is None else _device_plan(torch, plan, device)
+        plan_ptr, plan_len = (p.data_ptr(), p.numel()) if p is not None else (None, 0)
+        _check(lib.da_cuda_attention(handle, ctypes.byref(c), plan_ptr, plan_len, *_refs(tensors), lse_ptr, lse_len,
+                                     stream))
+    elif kind == "exact":
+        _check(lib.da_cuda_exact_attention(handle, ctypes.byref(c), *_refs(tensors), lse_ptr, lse_len, stream))
+    else:
+        p = _plan_tensor(torch, q, config, device) if return_plan else None
+        plan_ptr, plan_len = (p.data_ptr(), p.numel()) if p is not None else (None, 0)
+        _check(lib.da_cuda_forward(handle, ctypes.byref(c), *_refs(tensors), lse_ptr, lse_len, plan_ptr, plan_len,
+                                   stream))
+    result = (out,) + ((lse,) if return_lse else ()) + ((p,) if return_plan else ())
+    return result if len(result) > 1 else out
+
+
 # --- the API -----------------------------------------------------------------
 
 
@@ -501,7 +713,12 @@ def plan(q, config: Optional[Config] = None, context: Optional[Context] = None, 
     """The plan of ``q``: uint16 ``[batch, heads, blocks, head_dim]``, one
     permutation of the head-dimension columns per query block. With ``k``, the
     plan for attention over those keys (``da_plan_with_keys``): needed for
-    ``grouping="key_weighted"``, the same plan in the other modes."""
+    ``grouping="key_weighted"``, the same plan in the other modes.
+
+    On a CUDA tensor (f16/bf16; LSH grouping only, ``k`` unused): a uint16
+    tensor on its device, computed on its current stream."""
+    if _is_cuda(q):
+        return _cuda_plan(q, config or Config(), context)
     np = _np()
     config = config or Config()
     s = plan_shape(q, config)
@@ -531,11 +748,18 @@ def _refs(tensors):
 
 
 def attention(q, k, v, plan, config: Optional[Config] = None, out=None, return_lse: bool = False,
-              context: Optional[Context] = None):
+              context: Optional[Context] = None, out_dtype=None):
     """DistrAttention of ``q`` over ``k``, ``v`` with a given plan (from
     :func:`plan` or another backend). Returns the float32 output
     ``[batch, q_len, q_heads, v_dim]`` (written into ``out`` if given), and
-    the log-sum-exp ``[batch, q_heads, q_len]`` with ``return_lse``."""
+    the log-sum-exp ``[batch, q_heads, q_len]`` with ``return_lse``.
+
+    On CUDA tensors: the output in ``out_dtype`` (torch.float32, or None for
+    ``q``'s dtype) on their device; ``plan`` a tensor or array (copied to the
+    device), or None when every head has G = 1."""
+    if _is_cuda(q):
+        return _cuda_attend("attention", q, k, v, config or Config(), plan=plan, out=out, out_dtype=out_dtype,
+                            return_lse=return_lse, context=context)
     np = _np()
     c, _keep = (config or Config())._c()
     plan = np.ascontiguousarray(plan, dtype=np.uint16)
@@ -546,8 +770,12 @@ def attention(q, k, v, plan, config: Optional[Config] = None, out=None, return_l
 
 
 def exact_attention(q, k, v, config: Optional[Config] = None, out=None, return_lse: bool = False,
-                    context: Optional[Context] = None):
-    """Exact attention (every head G = 1); ``causal`` and ``scale`` of the config apply."""
+                    context: Optional[Context] = None, out_dtype=None):
+    """Exact attention (every head G = 1); ``causal`` and ``scale`` of the config
+    apply. CUDA tensors as for :func:`attention`."""
+    if _is_cuda(q):
+        return _cuda_attend("exact", q, k, v, config or Config(), out=out, out_dtype=out_dtype,
+                            return_lse=return_lse, context=context)
     np = _np()
     c, _keep = (config or Config())._c()
     tensors, out, lse, lse_ptr, lse_len = _attention_args(np, q, k, v, out, return_lse)
@@ -556,11 +784,15 @@ def exact_attention(q, k, v, config: Optional[Config] = None, out=None, return_l
 
 
 def forward(q, k, v, config: Optional[Config] = None, out=None, return_lse: bool = False,
-            return_plan: bool = False, context: Optional[Context] = None):
+            return_plan: bool = False, context: Optional[Context] = None, out_dtype=None):
     """One-shot DistrAttention: plan ``q``, then attend. Returns the output,
-    followed by the lse and/or the plan when asked for."""
-    np = _np()
+    followed by the lse and/or the plan when asked for. CUDA tensors as for
+    :func:`attention` (the plan a uint16 tensor on their device)."""
     config = config or Config()
+    if _is_cuda(q):
+        return _cuda_attend("forward", q, k, v, config, out=out, out_dtype=out_dtype, return_lse=return_lse,
+                            return_plan=return_plan, context=context)
+    np = _np()
     c, _keep = config._c()
     tensors, out, lse, lse_ptr, lse_len = _attention_args(np, q, k, v, out, return_lse)
     p = None
@@ -759,11 +991,16 @@ def _function_class():
         with ``[batch, seq, heads, head_dim]`` tensors (GQA: fewer KV heads),
         returning the output in ``q``'s dtype. The forward computes the plan
         (any grouping mode) and the log-sum-exp; the backward uses both (the
-        plan carries no gradient). CPU tensors; computed in float32."""
+        plan carries no gradient). CPU tensors are computed in float32; CUDA
+        tensors (f16/bf16) run the GPU forward, and have no backward yet."""
 
         @staticmethod
         def forward(ctx, q, k, v, config=None):
             config = config or Config()
+            ctx.cuda = _is_cuda(q)
+            if ctx.cuda:
+                # The GPU forward, in q's dtype; no backward yet (see backward).
+                return forward(q.detach(), k.detach(), v.detach(), config)
             for x, name in ((q, "q"), (k, "k"), (v, "v")):
                 _host_only(x, name)
             q32, k32, v32 = (x.detach().to(torch.float32).contiguous() for x in (q, k, v))
@@ -787,6 +1024,10 @@ def _function_class():
 
         @staticmethod
         def backward(ctx, d_out):
+            if ctx.cuda:
+                raise NotImplementedError(
+                    "distr_attention: the backward pass of CUDA tensors is not in this library version; "
+                    "use CPU tensors for training")
             q32, k32, v32, out, lse = ctx.saved_tensors
             _host_only(d_out, "d_out")
             g = d_out.detach().to(torch.float32).contiguous()
@@ -814,7 +1055,7 @@ def __getattr__(name):
 
 def distr_attention(q, k, v, config: Optional[Config] = None):
     """Differentiable DistrAttention on torch tensors ``[batch, seq, heads,
-    head_dim]`` (CPU): :class:`DistrAttentionFunction` applied."""
+    head_dim]`` (CPU; CUDA for the forward pass): :class:`DistrAttentionFunction` applied."""
     return _function_class().apply(q, k, v, config)
 
 

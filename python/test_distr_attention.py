@@ -445,15 +445,208 @@ class Torch(unittest.TestCase):
             numeric = float((fp - fm) / (2 * eps))
             self.assertAlmostEqual(numeric, float((g * d).sum()), delta=3e-3 * (1 + abs(numeric)))
 
-    def test_bf16_inputs_and_cuda_refusal(self):
+    def test_bf16_inputs(self):
         xs = [x.bfloat16().requires_grad_() for x in (self.q, self.k, self.v)]
         out = da.distr_attention(*xs, da.Config(group_size=2))
         self.assertEqual(out.dtype, torch.bfloat16)
         out.float().sum().backward()
         self.assertEqual(xs[0].grad.dtype, torch.bfloat16)
+        # The CPU-only functions refuse CUDA tensors rather than copying them.
         if torch.cuda.is_available():
             with self.assertRaises(NotImplementedError):
-                da.distr_attention(*(x.detach().cuda() for x in xs))
+                da.estimate_errors(*(x.detach().cuda() for x in xs))
+
+
+needs_cuda = unittest.skipIf(torch is None or np is None or not torch.cuda.is_available(),
+                             "no CUDA device (or no torch)")
+
+
+def plan_numpy(p):
+    """A uint16 plan tensor (any device) as a numpy array."""
+    p = p.cpu()
+    try:
+        return p.numpy().astype(np.uint16)
+    except TypeError:  # torch without numpy support for uint16
+        return p.view(torch.int16).numpy().view(np.uint16)
+
+
+def relative_error(got, want):
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm())
+
+
+@needs_cuda
+class Cuda(unittest.TestCase):
+    """The CUDA entry points on torch CUDA tensors, against the CPU entry
+    points on the same plan and a plain torch implementation."""
+
+    def setUp(self):
+        if not da.cuda_built():
+            self.skipTest("the library was built without the CUDA entry points")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.q = torch.randn(2, 200, 4, 64, device="cuda", generator=g).bfloat16()
+        self.k = torch.randn(2, 180, 2, 64, device="cuda", generator=g).bfloat16()
+        self.v = torch.randn(2, 180, 2, 64, device="cuda", generator=g).bfloat16()
+
+    @staticmethod
+    def plain(q, k, v, causal):
+        """Exact attention in float32 with grouped-query heads (bottom-right causal mask)."""
+        q, k, v = q.float(), k.float(), v.float()
+        hq, hk = q.shape[2], k.shape[2]
+        k = k.repeat_interleave(hq // hk, dim=2)
+        v = v.repeat_interleave(hq // hk, dim=2)
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[3])
+        if causal:
+            n, m = q.shape[1], k.shape[1]
+            rows = torch.arange(n, device=q.device)[:, None]
+            mask = torch.arange(m, device=q.device)[None, :] > rows + (m - n)
+            s = s.masked_fill(mask, float("-inf"))
+        return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1).nan_to_num(), v)
+
+    def test_forward_matches_the_cpu_on_the_same_plan(self):
+        for causal, g in ((True, 2), (False, 4)):
+            cfg = da.Config(group_size=g, causal=causal)
+            out, lse, p = da.forward(self.q, self.k, self.v, cfg, return_lse=True, return_plan=True,
+                                     out_dtype=torch.float32)
+            self.assertEqual((out.device.type, out.dtype, lse.device.type, p.device.type),
+                             ("cuda", torch.float32, "cuda", "cuda"))
+            want, want_lse = da.attention(self.q.cpu(), self.k.cpu(), self.v.cpu(), plan_numpy(p), cfg,
+                                          return_lse=True)
+            self.assertLess(relative_error(out.cpu(), torch.from_numpy(want)), 1e-2)
+            # Rows that see no key (causal, 200 queries over 180 keys) have -inf on both sides.
+            torch.testing.assert_close(lse.cpu(), torch.from_numpy(want_lse), rtol=0, atol=1e-2)
+            # The output in the inputs' dtype (the default) is the f32 one rounded.
+            out16 = da.forward(self.q, self.k, self.v, cfg)
+            self.assertEqual(out16.dtype, torch.bfloat16)
+            self.assertLess(relative_error(out16, out), 1e-2)
+
+    def test_plan_then_attention_equals_forward_and_the_cpu_plan(self):
+        cfg = da.Config(group_size=2, causal=True)
+        p = da.plan(self.q, cfg)
+        replayed = da.attention(self.q, self.k, self.v, p, cfg)
+        torch.testing.assert_close(replayed, da.forward(self.q, self.k, self.v, cfg), rtol=0, atol=0)
+        # The GPU plans in f32, the CPU in f64 where rounding could flip a sign: nearly always the same.
+        cpu = da.plan(self.q.cpu(), cfg)
+        gpu = plan_numpy(p)
+        self.assertEqual(gpu.shape, cpu.shape)
+        differing = (gpu != cpu).any(axis=-1).mean()
+        self.assertLess(differing, 0.05)
+        # A CPU plan (a numpy array) replayed on the GPU.
+        out = da.attention(self.q, self.k, self.v, cpu, cfg, out_dtype=torch.float32)
+        want = da.attention(self.q.cpu(), self.k.cpu(), self.v.cpu(), cpu, cfg)
+        self.assertLess(relative_error(out.cpu(), torch.from_numpy(want)), 1e-2)
+
+    def test_exact_attention_matches_plain_torch_and_sdpa(self):
+        import torch.nn.functional as F
+
+        for causal in (False, True):
+            cfg = da.Config(group_size=1, causal=causal)
+            ours = da.exact_attention(self.q, self.k, self.v, cfg, out_dtype=torch.float32)
+            want = self.plain(self.q, self.k, self.v, causal)
+            self.assertLess(relative_error(ours, want), 1e-2)
+            # SDPA on [b, h, n, d] with the KV heads repeated; its causal mask is
+            # top-left aligned, so compare where the query and key lengths agree.
+            q = self.q[:, :180]
+            k, v = (x.repeat_interleave(2, dim=2) for x in (self.k, self.v))
+            sdpa = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal)
+            mine = da.exact_attention(q, self.k, self.v, cfg)
+            self.assertLess(relative_error(mine, sdpa.transpose(1, 2)), 1e-2)
+            # G = 1 through the forward (no plan computed) is the same kernel.
+            torch.testing.assert_close(da.forward(self.q, self.k, self.v, cfg, out_dtype=torch.float32), ours,
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(da.attention(self.q, self.k, self.v, None, cfg, out_dtype=torch.float32),
+                                       ours, rtol=0, atol=0)
+
+    def test_views_streams_and_threads(self):
+        import threading
+
+        cfg = da.Config(group_size=2)
+        want = da.forward(self.q, self.k, self.v, cfg)
+        # Q, K and V as views of one packed buffer, on a side stream.
+        q, k, v = self.q, self.k, self.v
+        packed = torch.zeros(2, 200, 8, 64, device="cuda", dtype=torch.bfloat16)
+        packed[:, :, :4] = q
+        packed[:, :180, 4:6] = k
+        packed[:, :180, 6:] = v
+        views = packed[:, :, :4], packed[:, :180, 4:6], packed[:, :180, 6:]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = da.forward(*views, cfg)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # Another thread (its own CudaContext, the device's context made current there).
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("out", da.forward(q, k, v, cfg)))
+        thread.start()
+        thread.join()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(result["out"], want, rtol=0, atol=0)
+
+    def test_errors(self):
+        cfg = da.Config(group_size=2)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.forward(self.q.float(), self.k.float(), self.v.float(), cfg)
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        self.assertIn("f16 or bf16", e.exception.message)
+        with self.assertRaises(ValueError):
+            da.forward(self.q, self.k.cpu(), self.v, cfg)
+        # Q one element (2 bytes) past a 16-byte boundary.
+        buffer = torch.zeros(self.q.numel() + 8, device="cuda", dtype=torch.bfloat16)
+        shifted = buffer[1:1 + self.q.numel()].view(self.q.shape)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.forward(shifted, self.k, self.v, cfg)
+        self.assertEqual(e.exception.status, da.Status.MISALIGNED_POINTER)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.forward(self.q, self.k, self.v, da.Config(group_size=16))
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.plan(self.q, da.Config(grouping="similarity"))
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention(self.q, self.k, self.v, None, cfg)
+        self.assertEqual(e.exception.status, da.Status.NULL_POINTER)
+        # The output over an input.
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.forward(self.q, self.k, self.v, cfg, out=self.q)
+        self.assertEqual(e.exception.status, da.Status.OVERLAPPING_BUFFERS)
+
+    def test_autograd_function_runs_the_gpu_forward(self):
+        cfg = da.Config(group_size=2, causal=True)
+        xs = [x.clone().requires_grad_() for x in (self.q, self.k, self.v)]
+        out = da.distr_attention(*xs, cfg)
+        torch.testing.assert_close(out, da.forward(self.q, self.k, self.v, cfg), rtol=0, atol=0)
+        with self.assertRaises(NotImplementedError):
+            out.float().sum().backward()
+
+    def test_expandable_segments_allocator(self):
+        # PyTorch's expandable segments map memory with the virtual memory
+        # API: the library's pointer checks must accept it.
+        import subprocess
+
+        script = ("import sys, torch; sys.path.insert(0, %r); import distr_attention as da; "
+                  "q = torch.randn(1, 128, 2, 64, device='cuda').bfloat16(); "
+                  "out = da.forward(q, q, q, da.Config(group_size=2)); torch.cuda.synchronize(); "
+                  "print('ok', float(out.float().abs().sum()) > 0)") % os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertIn("ok True", run.stdout)
+
+
+class WithoutCudaEntryPoints(unittest.TestCase):
+    def test_cuda_status_without_the_entry_points(self):
+        if da.cuda_built():
+            self.skipTest("the library has the CUDA entry points")
+        lib = da.library()
+        ptr = ctypes.c_void_p()
+        self.assertEqual(lib.da_cuda_context_create(ctypes.byref(ptr)), da.Status.CUDA_UNAVAILABLE)
+        self.assertIn(b"built without CUDA", lib.da_last_error_message())
+        self.assertFalse(ptr)
+        if torch is not None and torch.cuda.is_available():
+            with self.assertRaises(da.DistrAttentionError) as e:
+                da.forward(*(torch.zeros(1, 8, 1, 64, device="cuda").bfloat16() for _ in range(3)))
+            self.assertEqual(e.exception.status, da.Status.CUDA_UNAVAILABLE)
 
 
 @needs_transformers

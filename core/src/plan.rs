@@ -405,7 +405,8 @@ mod tests {
                 .map(|j| {
                     let mut code = 0u32;
                     for p in 0..p_count {
-                        let s: f64 = (0..rows).map(|i| q[(row0 + i) * d + j] as f64 * r[i * p_count + p] as f64).sum();
+                        let s: f64 =
+                            (0..rows).map(|i| q[(row0 + i) * d + j] as f64 * r[i * p_count + p] as f64).sum();
                         code |= ((s > 0.0) as u32) << p;
                     }
                     (inverse_gray(code), j as u16)

@@ -96,22 +96,26 @@ def main():
                 row = dict(d=d, n=n, causal=causal, fa2=res["fa2"], cudnn=res["cudnn"],
                            g1=tf("g1_ms"), g2=tf("g2_ms"), g4=tf("g4_ms"),
                            g2t=tf("g2_total_ms"), g4t=tf("g4_total_ms"), g2l64=tf("g2_l64_ms"),
+                           mma1=tf("mma_g1_ms") if r and "mma_g1_ms" in r else float("nan"),
+                           mma2=tf("mma_g2_ms") if r and "mma_g2_ms" in r else float("nan"),
+                           mma4=tf("mma_g4_ms") if r and "mma_g4_ms" in r else float("nan"),
                            plan_pct=(100.0 * r["plan_ms"] / r["g2_ms"]) if r else float("nan"))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
     print()
     print("Effective TFLOP/s (4*B*H*N^2*D / time, halved for causal), bf16, B*N=65536, H*D=2048; "
-          "ours: block_rows 128, P 16, Mean; '+pl' includes the plan kernel")
-    hdr = ("| D | N | causal | FA2 | cuDNN | G=1 | G=2 | G=2+pl | G=4 | G=4+pl | G=2 l64 | plan % of G=2 "
-           "| G=1/FA2 | G=2+pl/FA2 | G=2+pl/cuDNN | G=4+pl/FA2 |")
+          "ours: block_rows 128, P 16, Mean; '+pl' includes the plan kernel; 'mma' = the mma.sync kernel")
+    hdr = ("| D | N | causal | FA2 | cuDNN | G=1 | G=2 | G=2+pl | G=4 | G=4+pl | mma G=1 | mma G=2 | mma G=4 "
+           "| G=2 l64 | plan % of G=2 | G=1/FA2 | G=1/cuDNN | G=2+pl/FA2 | G=2+pl/cuDNN | G=4+pl/cuDNN |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
         print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | {r['fa2']:.0f} | {r['cudnn']:.0f} "
-              f"| {r['g1']:.0f} | {r['g2']:.0f} | {r['g2t']:.0f} | {r['g4']:.0f} | {r['g4t']:.0f} | {r['g2l64']:.0f} "
-              f"| {r['plan_pct']:.1f} | {r['g1'] / r['fa2']:.2f} | {r['g2t'] / r['fa2']:.2f} "
-              f"| {r['g2t'] / r['cudnn']:.2f} | {r['g4t'] / r['fa2']:.2f} |")
+              f"| {r['g1']:.0f} | {r['g2']:.0f} | {r['g2t']:.0f} | {r['g4']:.0f} | {r['g4t']:.0f} "
+              f"| {r['mma1']:.0f} | {r['mma2']:.0f} | {r['mma4']:.0f} | {r['g2l64']:.0f} "
+              f"| {r['plan_pct']:.1f} | {r['g1'] / r['fa2']:.2f} | {r['g1'] / r['cudnn']:.2f} | {r['g2t'] / r['fa2']:.2f} "
+              f"| {r['g2t'] / r['cudnn']:.2f} | {r['g4t'] / r['cudnn']:.2f} |")
 
 
 def backward_main(args):

@@ -1,7 +1,9 @@
 //! Benchmark of the CUDA kernels on the issue's shapes: bf16, B·N = 65536,
 //! H·D = 2048, D in {64, 128}, N in {1024, 4096, 16384}, causal and not.
 //! DistrAttention at G = 1, 2, 4 (block_rows 128, P = 16, Mean), the plan
-//! kernel alone, and plan + attention; plus G = 2 at block_rows 64.
+//! kernel alone, and plan + attention; plus G = 2 at block_rows 64. On
+//! compute capability 9.0 the engine runs the Hopper (wgmma) kernel where it
+//! applies; G = 1, 2, 4 are also timed on the mma.sync kernel (`mma_*`).
 //!
 //! Timing: CUDA events around each launch (series) on one stream, after
 //! warm-up; the median of the repetitions. Inputs are random (uniform with
@@ -82,8 +84,14 @@ fn main() {
     let a = args();
     let _ctx = distr_attention_cuda::cust::quick_init().expect("a CUDA device");
     let engine = Engine::new().unwrap();
+    let mma = Engine::new().unwrap().with_wgmma(false);
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).unwrap();
-    println!("device: compute capability {:?}, image {:?}", engine.capability(), engine.image());
+    println!(
+        "device: compute capability {:?}, image {:?}, wgmma kernel {}",
+        engine.capability(),
+        engine.image(),
+        engine.wgmma()
+    );
 
     // Random inputs (uniform on [-sqrt(3), sqrt(3)): unit variance), one buffer
     // per tensor, reused by every shape (B·N·H·D is the same for all).
@@ -114,9 +122,9 @@ fn main() {
         return;
     }
     println!(
-        "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} | TFLOP/s: {:>5} {:>5} {:>5} {:>6} {:>5} {:>6}",
+        "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} | TFLOP/s: {:>5} {:>5} {:>5} {:>6} {:>5} {:>6} | mma: {:>5} {:>5} {:>5}",
         "D", "N", "causal", "B", "H", "plan ms", "G1 ms", "G2 ms", "G4 ms", "G2+pl", "G4+pl", "G2 l64", "G1", "G2", "G4", "G2+pl",
-        "G4+pl", "plan%"
+        "G4+pl", "plan%", "G1", "G2", "G4"
     );
     let dims: &[usize] = if a.quick { &[128] } else { &[64, 128] };
     let lens: &[usize] = if a.quick { &[4096] } else { &[1024, 4096, 16384] };
@@ -135,55 +143,64 @@ fn main() {
                 let plan_ms = time(&stream, w, r, || {
                     engine.plan(&c2, &tq, &mut dplan, &stream).unwrap();
                 });
-                let mut attend =
-                    |c: &Config<'_>, shape: PlanShape, with_plan: bool, dplan: &mut DeviceBuffer<u16>| {
-                        let dout = &mut dout;
-                        time(&stream, w, r, || {
-                            if with_plan {
-                                engine.plan(c, &tq, dplan, &stream).unwrap();
-                            }
-                            let plan = GpuPlan::new(dplan, shape);
-                            let uses_plan = c.group_size(0) > 1;
-                            engine
-                                .attention(
-                                    c,
-                                    uses_plan.then_some(&plan),
-                                    &tq,
-                                    &tk,
-                                    &tv,
-                                    &mut GpuTensorMut::new(dout, layout),
-                                    None,
-                                    &stream,
-                                )
-                                .unwrap();
-                        })
-                    };
+                let mut attend_on = |engine: &Engine,
+                                     c: &Config<'_>,
+                                     shape: PlanShape,
+                                     with_plan: bool,
+                                     dplan: &mut DeviceBuffer<u16>| {
+                    let dout = &mut dout;
+                    time(&stream, w, r, || {
+                        if with_plan {
+                            engine.plan(c, &tq, dplan, &stream).unwrap();
+                        }
+                        let plan = GpuPlan::new(dplan, shape);
+                        let uses_plan = c.group_size(0) > 1;
+                        engine
+                            .attention(
+                                c,
+                                uses_plan.then_some(&plan),
+                                &tq,
+                                &tk,
+                                &tv,
+                                &mut GpuTensorMut::new(dout, layout),
+                                None,
+                                &stream,
+                            )
+                            .unwrap();
+                    })
+                };
                 // The plan buffer holds a real plan of this Q when G > 1 is timed alone.
                 engine.plan(&c2, &tq, &mut dplan, &stream).unwrap();
-                let g1 = attend(&c1, shape128, false, &mut dplan);
-                let g2 = attend(&c2, shape128, false, &mut dplan);
-                let g4 = attend(&c4, shape128, false, &mut dplan);
-                let g2t = attend(&c2, shape128, true, &mut dplan);
-                let g4t = attend(&c4, shape128, true, &mut dplan);
+                let g1 = attend_on(&engine, &c1, shape128, false, &mut dplan);
+                let g2 = attend_on(&engine, &c2, shape128, false, &mut dplan);
+                let g4 = attend_on(&engine, &c4, shape128, false, &mut dplan);
+                let g2t = attend_on(&engine, &c2, shape128, true, &mut dplan);
+                let g4t = attend_on(&engine, &c4, shape128, true, &mut dplan);
+                let mma_g1 = attend_on(&mma, &c1, shape128, false, &mut dplan);
+                let mma_g2 = attend_on(&mma, &c2, shape128, false, &mut dplan);
+                let mma_g4 = attend_on(&mma, &c4, shape128, false, &mut dplan);
                 engine.plan(&c2_64, &tq, &mut dplan, &stream).unwrap();
-                let g2_64 = attend(&c2_64, shape64, false, &mut dplan);
+                let g2_64 = attend_on(&engine, &c2_64, shape64, false, &mut dplan);
                 let flops = 4.0 * (b * h) as f64 * (n * n) as f64 * d as f64 / if causal { 2.0 } else { 1.0 };
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
                 println!(
-                    "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1:>7.3} {g2:>7.3} {g4:>7.3} {g2t:>7.3} {g4t:>7.3} {g2_64:>8.3} | {:>14.1} {:>5.1} {:>5.1} {:>6.1} {:>5.1} {:>5.1}%",
+                    "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1:>7.3} {g2:>7.3} {g4:>7.3} {g2t:>7.3} {g4t:>7.3} {g2_64:>8.3} | {:>14.1} {:>5.1} {:>5.1} {:>6.1} {:>5.1} {:>5.1}% | {:>9.1} {:>5.1} {:>5.1}",
                     tf(g1),
                     tf(g2),
                     tf(g4),
                     tf(g2t),
                     tf(g4t),
-                    100.0 * plan_ms / g2
+                    100.0 * plan_ms / g2,
+                    tf(mma_g1),
+                    tf(mma_g2),
+                    tf(mma_g4)
                 );
                 if let Some(f) = json.as_mut() {
                     writeln!(
                         f,
                         "{{\"d\": {d}, \"n\": {n}, \"causal\": {causal}, \"b\": {b}, \"h\": {h}, \"plan_ms\": {plan_ms}, \
                          \"g1_ms\": {g1}, \"g2_ms\": {g2}, \"g4_ms\": {g4}, \"g2_total_ms\": {g2t}, \"g4_total_ms\": {g4t}, \
-                         \"g2_l64_ms\": {g2_64}}}"
+                         \"g2_l64_ms\": {g2_64}, \"mma_g1_ms\": {mma_g1}, \"mma_g2_ms\": {mma_g2}, \"mma_g4_ms\": {mma_g4}}}"
                     )
                     .unwrap();
                 }

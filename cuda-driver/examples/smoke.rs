@@ -24,6 +24,7 @@ fn main() {
         }
     };
     let engine = Engine::new().expect("engine");
+    println!("smoke: image {:?}, wgmma kernel {}", engine.image(), engine.wgmma());
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).expect("stream");
     let mut seed = 1u64;
     let mut rand = move || {
@@ -38,6 +39,11 @@ fn main() {
         (129, 129, 3, 1, 32, 64, 8, true, Fusion::Mean),
         (65, 40, 2, 1, 128, 128, 1, true, Fusion::Mean),
         (33, 200, 1, 1, 64, 128, 1, false, Fusion::Mean),
+        // Served by the Hopper (wgmma) kernel on compute capability 9.0 (so are
+        // the second, fourth and fifth cases above).
+        (150, 140, 2, 1, 128, 128, 2, true, Fusion::Mean),
+        (130, 260, 2, 2, 64, 128, 8, false, Fusion::Sample),
+        (200, 70, 1, 1, 64, 64, 1, true, Fusion::Mean),
     ];
     for (n, m, hq, hkv, d, block_rows, g, causal, fusion) in cases {
         let (ql, kl) = (Layout::contiguous(1, n, hq, d), Layout::contiguous(1, m, hkv, d));

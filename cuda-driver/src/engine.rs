@@ -26,6 +26,15 @@ pub(crate) struct ModuleImage {
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 const THREADS: u32 = 128;
+/// Threads of the Hopper kernel's CTA (a producer and two consumer warpgroups).
+const HOPPER_THREADS: u32 = 384;
+/// Head dimensions with a Hopper kernel (kernels/hfwd.cu).
+const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Rows of the Hopper kernel's CTA: with G > 1 the plan's block_rows must match.
+const HOPPER_ROWS: usize = 128;
+/// Environment variable that pins the mma.sync kernel on every device (`mma`),
+/// for measurements and for testing the fallback on an H100.
+const KERNEL_ENV: &str = "DISTR_ATTENTION_KERNEL";
 /// Largest grid y and z extent.
 pub(crate) const GRID_YZ_MAX: usize = 65535;
 
@@ -196,6 +205,8 @@ pub struct Engine {
     pub(crate) loaded: Arc<Loaded>,
     capability: (i32, i32),
     sm_count: usize,
+    /// Whether attention may use the Hopper (wgmma) kernel where it applies.
+    wgmma: bool,
     projections: Mutex<HashMap<(u64, usize, u32), DeviceBuffer<f32>>>,
 }
 
@@ -205,6 +216,7 @@ impl std::fmt::Debug for Engine {
             .field("context", &(self.loaded.ctx as *const c_void))
             .field("capability", &self.capability)
             .field("image", &self.loaded.image)
+            .field("wgmma", &self.wgmma)
             .finish()
     }
 }
@@ -241,7 +253,26 @@ impl Engine {
                     l
                 }
             };
-        Ok(Engine { loaded, capability, sm_count, projections: Mutex::new(HashMap::new()) })
+        // The Hopper kernel exists in the sm_90a image only.
+        let pinned_mma = std::env::var(KERNEL_ENV).is_ok_and(|v| v == "mma");
+        let wgmma = image == ImageKind::Sm90a && !pinned_mma;
+        Ok(Engine { loaded, capability, sm_count, wgmma, projections: Mutex::new(HashMap::new()) })
+    }
+
+    /// The same engine with the Hopper (wgmma) attention kernel allowed or
+    /// not. It is on by default on compute capability 9.0 (unless the
+    /// environment variable `DISTR_ATTENTION_KERNEL=mma` pins the mma.sync
+    /// kernel) and used for head_dim 64 or 128 with G = 1 or
+    /// `block_rows` = 128; everything else runs the mma.sync kernel. Turning
+    /// it on has no effect on other images.
+    pub fn with_wgmma(mut self, on: bool) -> Engine {
+        self.wgmma = on && self.loaded.image == ImageKind::Sm90a;
+        self
+    }
+
+    /// Whether attention uses the Hopper (wgmma) kernel where it applies.
+    pub fn wgmma(&self) -> bool {
+        self.wgmma
     }
 
     /// Compute capability of the engine's device.
@@ -282,10 +313,12 @@ impl Engine {
 
     /// # Safety
     /// `params` must match the kernel's single by-value parameter.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn launch<P>(
         &self,
         f: Func,
         grid: (u32, u32, u32),
+        threads: u32,
         smem: u32,
         params: &P,
         stream: cu::CUstream,
@@ -296,7 +329,7 @@ impl Engine {
             grid.0,
             grid.1,
             grid.2,
-            THREADS,
+            threads,
             1,
             1,
             smem,
@@ -367,7 +400,7 @@ impl Engine {
         ));
         let units = shape.num_blocks();
         let grid = units.div_ceil(4).min(self.sm_count * per_sm.max(1) as usize).max(1);
-        self.launch(f, (grid as u32, 1, 1), smem as u32, &params, stream)?;
+        self.launch(f, (grid as u32, 1, 1), THREADS, smem as u32, &params, stream)?;
         Ok(shape)
     }
 
@@ -405,6 +438,8 @@ impl Engine {
             .find(|m| m.name == format!("fwd_{dtype}_d{d}"))
             .map(|m| m.name)
             .expect("validated head_dim has a module");
+        let hopper_module: &'static str =
+            MODULES.iter().find(|m| m.name == format!("hfwd_{dtype}_d{d}")).map_or("", |m| m.name);
         let (ql, kl, vl, ol) = (&q.layout, &k.layout, &v.layout, &out.layout);
         let mut params = FwdParams {
             q: q.ptr,
@@ -445,9 +480,14 @@ impl Engine {
             by_g.entry(cfg.group_size(h)).or_default().push(h);
         }
         for (g, heads) in by_g {
+            // The Hopper kernel: 128-row CTAs, so with G > 1 the plan blocks must be 128 rows.
+            let hopper =
+                self.wgmma && HOPPER_HEAD_DIMS.contains(&d) && (g == 1 || cfg.block_rows == HOPPER_ROWS);
             // G = 1 never reads the plan, so its tile height is free: 128-row
             // tiles are faster (measured on the H100) except for short queries.
-            let tile_rows = if g == 1 {
+            let tile_rows = if hopper {
+                HOPPER_ROWS
+            } else if g == 1 {
                 if p.q_len <= 64 {
                     64
                 } else {
@@ -458,8 +498,13 @@ impl Engine {
             };
             let num_blocks = p.q_len.div_ceil(tile_rows);
             params.num_blocks = num_blocks as i32;
-            let name = format!("da_fwd_{dtype}_d{d}_g{g}_l{tile_rows}");
-            let f = self.loaded.function(module, &name, true)?;
+            let (f, threads) = if hopper {
+                let name = format!("da_hfwd_{dtype}_d{d}_g{g}");
+                (self.loaded.function(hopper_module, &name, true)?, HOPPER_THREADS)
+            } else {
+                let name = format!("da_fwd_{dtype}_d{d}_g{g}_l{tile_rows}");
+                (self.loaded.function(module, &name, true)?, THREADS)
+            };
             let identity = heads.len() == p.q_heads && p.q_heads <= GRID_YZ_MAX;
             let chunks: Vec<&[usize]> =
                 if identity { vec![&heads[..]] } else { heads.chunks(HEAD_MAP_MAX).collect() };
@@ -481,6 +526,7 @@ impl Engine {
                     self.launch(
                         f,
                         (num_blocks as u32, chunk.len() as u32, nb as u32),
+                        threads,
                         f.smem,
                         &params,
                         stream,

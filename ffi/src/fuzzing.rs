@@ -20,6 +20,13 @@
 //! * a successful plan is a permutation in every block, and an attention
 //!   output on finite f32 inputs lies within the range of V (and 0);
 //! * a successful table lookup or planner call returns group sizes of at least 1.
+//!
+//! The CUDA entry points (kind 14) are called with a NULL handle (no GPU is
+//! needed): `DA_STATUS_NULL_POINTER` with the `cuda` feature,
+//! `DA_STATUS_CUDA_UNAVAILABLE` without. With the feature, their argument
+//! checks are then run on their own, on descriptors over a fake device heap
+//! that nothing maps (a read would crash): a call that passes them meets the
+//! kernels' alignment rules and writes no buffer that overlaps another.
 
 use core::ffi::{c_char, c_void, CStr};
 use core::mem::size_of;
@@ -332,17 +339,198 @@ fn message() -> &'static str {
 }
 
 /// Number of call kinds [`run`] chooses from.
-pub const CALL_KINDS: usize = 14;
+pub(crate) const CALL_KINDS: usize = 15;
+
+/// The call kind of the CUDA entry points.
+pub(crate) const CUDA_KIND: usize = 14;
+
+/// Kind 14: the CUDA entry points (see the module documentation).
+fn run_cuda(inp: &mut Input<'_>) -> da_status {
+    // A coherent problem the kernels take, then fuzzed.
+    let b = 1 + inp.below(2);
+    let n = 1 + inp.below(300);
+    let m = 1 + inp.below(300);
+    let hk = 1 + inp.below(2);
+    let hq = hk * (1 + inp.below(3));
+    let d = [64, 32, 128, 16, 8][inp.below(5)];
+    let dtype = [2, 1, 2, 1, 0][inp.below(5)] as u32;
+    let out_dtype = [dtype, dtype, 0, 1, 2][inp.below(5)];
+    let group_sizes: Vec<u32> = (0..8).map(|_| [2, 1, 4, 8, 3, 16][inp.below(6)]).collect();
+    let mut cfg = da_config {
+        block_rows: [64, 128, 64, 32, 1, 256][inp.below(6)],
+        group_size: [2, 1, 4, 8, 3, 16][inp.below(6)],
+        num_projections: 1 + inp.below(32) as u32,
+        seed: inp.u64(),
+        fusion: inp.below(2) as u32,
+        causal: inp.below(2) as u32,
+        grouping: [0, 0, 0, 1, 2][inp.below(5)],
+        ..da_config::defaults()
+    };
+    if inp.one_in(4) {
+        cfg.group_sizes = group_sizes.as_ptr();
+        cfg.num_group_sizes = if inp.one_in(4) { inp.below(7) } else { hq };
+    }
+    match inp.below(20) {
+        16 => cfg.block_rows = inp.size(0),
+        17 => cfg.group_size = inp.byte() as u32,
+        18 => cfg.num_projections = inp.byte() as u32,
+        19 => cfg.scale = [f32::NAN, -1.0, f32::INFINITY, 0.5][inp.below(4)],
+        _ => {}
+    }
+
+    // Slots of a fake device heap: q, k, v, out, lse, plan.
+    const HEAP: usize = 0x4000_0000_0000;
+    const SPAN: usize = 1 << 32;
+    let address = |inp: &mut Input<'_>, slot: usize| -> usize {
+        let slot = if inp.one_in(12) { inp.below(6) } else { slot };
+        let offset = 16 * inp.below(64) + [0, 0, 0, 0, 0, 0, 2, 4, 8, 1][inp.below(10)];
+        HEAP + slot * SPAN + offset
+    };
+    let tensor = |inp: &mut Input<'_>, slot: usize, shape: [usize; 4], dtype: u32| -> da_tensor {
+        let mut s = shape;
+        if inp.one_in(12) {
+            let i = inp.below(4);
+            s[i] = inp.size(s[i].saturating_add(1));
+        }
+        let pad = [0, 0, 0, 8, 16, 4, 2, 1][inp.below(8)];
+        let stride_head = s[3].saturating_add(pad);
+        let mut l = Layout {
+            batch: s[0],
+            seq: s[1],
+            heads: s[2],
+            dim: s[3],
+            stride_head,
+            stride_seq: s[2].saturating_mul(stride_head),
+            stride_batch: s[1].saturating_mul(s[2]).saturating_mul(stride_head),
+        };
+        if inp.one_in(10) {
+            l.stride_seq = inp.size(l.stride_seq);
+            l.stride_batch = inp.size(l.stride_batch);
+            l.stride_head = inp.size(l.stride_head);
+        }
+        let dtype = if inp.one_in(40) { inp.byte() as u32 } else { dtype };
+        da_tensor {
+            data: if inp.one_in(60) { null() } else { address(inp, slot) as *const c_void },
+            dtype,
+            batch: l.batch,
+            seq: l.seq,
+            heads: l.heads,
+            head_dim: l.dim,
+            stride_batch: l.stride_batch,
+            stride_seq: l.stride_seq,
+            stride_head: l.stride_head,
+        }
+    };
+    let q = tensor(inp, 0, [b, n, hq, d], dtype);
+    let k = tensor(inp, 1, [b, m, hk, d], dtype);
+    let v = tensor(inp, 2, [b, m, hk, d], dtype);
+    let out = tensor(inp, 3, [b, n, hq, d], out_dtype);
+    let descs: [*const da_tensor; 4] =
+        [&q, &k, &v, &out].map(|t| if inp.one_in(60) { null() } else { t as *const da_tensor });
+    let lse_typical = b * hq * n;
+    let (lse, lse_len) = if inp.one_in(2) {
+        (address(inp, 4) as *mut f32, [lse_typical, lse_typical, lse_typical - 1, 0][inp.below(4)])
+    } else {
+        (null_mut(), inp.below(3))
+    };
+    let plan_typical = b * hq * n.div_ceil(cfg.block_rows.max(1)) * d;
+    let plan = if inp.one_in(6) { null_mut() } else { address(inp, 5) as *mut u16 };
+    let plan_len =
+        [plan_typical, plan_typical, plan_typical.saturating_sub(1), inp.size(plan_typical)][inp.below(4)];
+    let which = inp.below(4);
+    let config_ptr: *const da_config = if inp.one_in(40) { null() } else { &cfg };
+
+    // The exported function, without a handle.
+    // SAFETY: a NULL handle is rejected before any other argument is read.
+    let exported = unsafe {
+        let [q, k, v, o] = descs;
+        match which {
+            0 => da_cuda_plan(null_mut(), config_ptr, q, plan, plan_len, null_mut()),
+            1 => da_cuda_attention(
+                null_mut(),
+                config_ptr,
+                plan,
+                plan_len,
+                q,
+                k,
+                v,
+                o,
+                lse,
+                lse_len,
+                null_mut(),
+            ),
+            2 => da_cuda_exact_attention(null_mut(), config_ptr, q, k, v, o, lse, lse_len, null_mut()),
+            _ => {
+                da_cuda_forward(null_mut(), config_ptr, q, k, v, o, lse, lse_len, plan, plan_len, null_mut())
+            }
+        }
+    };
+    #[cfg(not(feature = "cuda"))]
+    {
+        assert_eq!(exported, da_status::CudaUnavailable, "{}", message());
+        exported
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::{imp, Mode};
+        assert_eq!(exported, da_status::NullPointer, "{}", message());
+        let mode = match which {
+            0 => Mode::Plan(plan, plan_len),
+            1 => Mode::Attention(plan, plan_len),
+            2 => Mode::Exact,
+            _ => Mode::Forward(if inp.one_in(2) { null_mut() } else { plan }, plan_len),
+        };
+        let mut storage = Vec::new();
+        let mut checked = None;
+        let status = crate::error::boundary(|| {
+            // SAFETY: the config and descriptors are live host structs; the
+            // data pointers are never dereferenced by the checks.
+            let c = unsafe { imp::check_call(config_ptr, mode, descs, lse, lse_len, &mut storage)? };
+            checked = Some((c.q, c.attend, c.buffers.clone(), c.written.clone()));
+            Ok(())
+        });
+        assert_ne!(status, da_status::Panic, "panic reached the boundary: {}", message());
+        assert_eq!(
+            status == da_status::Ok,
+            message().is_empty(),
+            "status {status:?}, message {:?}",
+            message()
+        );
+        if let Some((q, attend, buffers, written)) = checked {
+            let align = if attend.is_some() { 16 } else { 8 };
+            assert!(q.ptr.is_multiple_of(align), "q at {:#x} passed the checks", q.ptr);
+            if let Some((k, v, o, _)) = attend {
+                assert!(k.ptr.is_multiple_of(16) && v.ptr.is_multiple_of(16) && o.ptr.is_multiple_of(4));
+                assert!(
+                    [q, k, v].iter().all(|t| t.dtype == q.dtype)
+                        && (o.dtype == q.dtype || o.dtype == distr_attention_core::DType::F32)
+                );
+            }
+            for (i, a) in buffers.iter().enumerate() {
+                for bb in &buffers[i + 1..] {
+                    if written.contains(a) || written.contains(bb) {
+                        assert!(!a.overlaps(bb), "written buffer overlapped: {a:?} {bb:?}");
+                    }
+                }
+            }
+        }
+        status
+    }
+}
 
 /// Runs one fuzz input and returns the call kind (`0..CALL_KINDS`) and its
 /// status. Panics when an invariant of the library is broken.
 ///
 /// Kinds: 0 plan shape, 1 plan, 2 attention, 3 exact attention, 4 forward,
 /// 5 projections, 6 config default, 7 last-error copy, 8 plan with keys,
-/// 9 error estimate, 10 backward, 11 exact backward, 12 planner, 13 table lookup.
+/// 9 error estimate, 10 backward, 11 exact backward, 12 planner, 13 table
+/// lookup, 14 the CUDA entry points.
 pub fn run(data: &[u8]) -> (usize, da_status) {
     let mut inp = Input(data);
     let which = inp.below(CALL_KINDS);
+    if which == CUDA_KIND {
+        return (which, run_cuda(&mut inp));
+    }
     let backward = matches!(which, 10 | 11);
     // The kinds that write the attention output and the lse.
     let attends = matches!(which, 2..=4);
@@ -878,6 +1066,11 @@ mod tests {
             *seen.entry(super::run(&input)).or_default() += 1;
         }
         for which in 0..super::CALL_KINDS {
+            if which == super::CUDA_KIND && !cfg!(feature = "cuda") {
+                // Without the feature every CUDA call is refused.
+                assert!(seen.contains_key(&(which, da_status::CudaUnavailable)), "{seen:?}");
+                continue;
+            }
             assert!(
                 seen.contains_key(&(which, da_status::Ok)),
                 "call kind {which} never succeeded: {seen:?}"

@@ -2,7 +2,9 @@
 //!
 //! Entry points: plans (`da_plan`, `da_plan_with_keys`; LSH, similarity or
 //! key-weighted grouping), attention on a plan, exact attention and the
-//! one-shot forward pass; the backward pass (`da_attention_backward`,
+//! one-shot forward pass, on host memory, and the same on device memory and a
+//! CUDA stream (`da_cuda_plan`, `da_cuda_attention`, `da_cuda_exact_attention`,
+//! `da_cuda_forward`); the backward pass (`da_attention_backward`,
 //! `da_exact_attention_backward`); per-head error estimates
 //! (`da_estimate_errors`); the error-budget planner (`da_choose_group_sizes`)
 //! and the reader of its JSON tables (`da_load_group_sizes`).
@@ -34,9 +36,17 @@
 //!   the caller.
 //! * **Threads.** Functions are thread-safe except that a context may be used
 //!   by one thread at a time.
-//! * **Memory.** The entry points of this version run on the CPU and take host
-//!   pointers. GPU entry points will take device pointers and a stream under
-//!   their own names.
+//! * **Memory.** The `da_*` entry points run on the CPU and take host
+//!   pointers. The `da_cuda_*` entry points (built with the cargo feature
+//!   `cuda`; without it they return `DA_STATUS_CUDA_UNAVAILABLE`) take device
+//!   pointers in the same descriptors, a `da_cuda_context` handle and the
+//!   caller's stream (`void *`, a `CUstream` / `cudaStream_t`; NULL is the
+//!   default stream), and queue their kernels on that stream without waiting.
+//!   They check their arguments like the CPU entry points (less the
+//!   finiteness of the inputs), plus what the kernels support, the alignment
+//!   they need, and with the driver that every pointer is CUDA memory of the
+//!   handle's device whose allocation covers the extent; nothing is launched
+//!   when a check fails.
 //!
 //! **Causality caveat.** With `causal` and G > 1, a row's plan is computed from
 //! all rows of its query block, so an output row may depend on later *query*
@@ -51,6 +61,7 @@ mod api;
 mod backward;
 mod budget;
 mod context;
+mod cuda;
 mod error;
 mod status;
 mod table;
@@ -69,6 +80,10 @@ pub use api::{
 pub use backward::{da_attention_backward, da_exact_attention_backward};
 pub use budget::{da_choose_group_sizes, da_estimate_errors};
 pub use context::{da_context, da_context_free, da_context_new};
+pub use cuda::{
+    da_cuda_attention, da_cuda_built, da_cuda_context, da_cuda_context_create, da_cuda_context_destroy,
+    da_cuda_exact_attention, da_cuda_forward, da_cuda_plan,
+};
 pub use error::{da_last_error_copy, da_last_error_message};
 pub use status::{da_status, da_status_string};
 pub use table::{da_load_group_sizes, da_load_group_sizes_file};

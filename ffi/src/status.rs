@@ -23,8 +23,9 @@ pub enum da_status {
     /// An argument has a value no class below covers: an unknown dtype, fusion,
     /// grouping or planner target value, a planner target out of its range, no
     /// calibration sample, a string that is not UTF-8, a layer found in several
-    /// files of a table when no file was named, or a config whose `struct_size`
-    /// is too small.
+    /// files of a table when no file was named, a config whose `struct_size`
+    /// is too small, or (CUDA entry points) a pointer that is not memory CUDA
+    /// knows, memory of another device, or a stream of another CUDA context.
     InvalidArgument = 3,
     /// The config is invalid: `block_rows` 0, `num_projections` outside 1..=32, a
     /// negative or infinite scale, a group size that is 0 or does not divide the head
@@ -37,7 +38,8 @@ pub enum da_status {
     ShapeMismatch = 6,
     /// A size or an address computed from shapes and strides overflows.
     SizeOverflow = 7,
-    /// A caller buffer (plan, lse, projections) is shorter than needed.
+    /// A caller buffer (plan, lse, projections) is shorter than needed, or (CUDA
+    /// entry points) a tensor's extent runs past the end of its CUDA allocation.
     BufferTooSmall = 8,
     /// A buffer the call writes overlaps another buffer of the call, or the output's
     /// strides make two of its elements share memory.
@@ -46,12 +48,16 @@ pub enum da_status {
     NonFinite = 10,
     /// A plan passed in is not a permutation of the head-dimension columns in every block.
     BadPlan = 11,
-    /// A combination this build does not support: an output dtype other than f32,
-    /// K or V of a dtype other than Q's (or calibration samples of different
-    /// dtypes), a grouping mode the function cannot use (key-weighted plans need
-    /// the keys: `da_plan_with_keys`), a group size the grouping mode does not
-    /// support (similarity modes need powers of two), or a config field of a
-    /// newer header (bytes past the known end of `da_config` that are not zero).
+    /// A combination this build does not support: an output dtype other than f32
+    /// (CUDA: f32 or Q's dtype), K or V of a dtype other than Q's (or calibration
+    /// samples of different dtypes), a grouping mode the function cannot use
+    /// (key-weighted plans need the keys: `da_plan_with_keys`; the GPU plans LSH
+    /// only), a group size the grouping mode does not support (similarity modes
+    /// need powers of two), a config field of a newer header (bytes past the
+    /// known end of `da_config` that are not zero), or what the CUDA kernels do
+    /// not cover (f32 inputs, head dimensions other than 32, 64 and 128,
+    /// `block_rows` other than 64 and 128, G outside 1, 2, 4, 8, a device older
+    /// than compute capability 8.0).
     Unsupported = 12,
     /// Scratch memory could not be allocated.
     AllocationFailed = 13,
@@ -67,10 +73,18 @@ pub enum da_status {
     BadTable = 16,
     /// A group-size table has no entry for the requested layer (or file).
     NotFound = 17,
+    /// A CUDA driver call of a `da_cuda_*` function failed: the message names the
+    /// call and the driver's error (e.g. "cuInit failed: CUDA_ERROR_NO_DEVICE
+    /// (100)"), or says that no CUDA context, or not the handle's, is current on the
+    /// calling thread.
+    CudaError = 18,
+    /// A `da_cuda_*` function was called on a library built without CUDA (cargo
+    /// feature `cuda` of distr-attention-ffi). `da_cuda_built` tells in advance.
+    CudaUnavailable = 19,
 }
 
 /// Every status, in numeric order.
-pub(crate) const ALL_STATUSES: [da_status; 18] = [
+pub(crate) const ALL_STATUSES: [da_status; 20] = [
     da_status::Ok,
     da_status::NullPointer,
     da_status::MisalignedPointer,
@@ -89,6 +103,8 @@ pub(crate) const ALL_STATUSES: [da_status; 18] = [
     da_status::IoError,
     da_status::BadTable,
     da_status::NotFound,
+    da_status::CudaError,
+    da_status::CudaUnavailable,
 ];
 
 impl da_status {
@@ -141,6 +157,8 @@ impl da_status {
             da_status::IoError => c"a file could not be read",
             da_status::BadTable => c"the group-size table is malformed",
             da_status::NotFound => c"not found in the group-size table",
+            da_status::CudaError => c"a CUDA call failed",
+            da_status::CudaUnavailable => c"this library was built without CUDA",
         }
     }
 }

@@ -13,8 +13,9 @@ use distr_attention_core::{Config, DType, Error, Fusion, GroupSizes, GroupingMod
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
 
-/// Element type of a tensor (the `dtype` field of `da_tensor`). Outputs are
-/// always f32.
+/// Element type of a tensor (the `dtype` field of `da_tensor`). Outputs of the
+/// CPU entry points are f32; those of the `da_cuda_*` entry points f32 or the
+/// inputs' type.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum da_dtype {
@@ -147,7 +148,9 @@ pub struct da_config {
     pub grouping: u32,
 }
 
-/// Descriptor of a `[batch, seq, heads, head_dim]` tensor in host memory.
+/// Descriptor of a `[batch, seq, heads, head_dim]` tensor: in host memory for
+/// the `da_*` entry points, in memory the GPU can read (device, managed or
+/// page-locked host memory) for the `da_cuda_*` ones.
 ///
 /// The last dimension is contiguous; the other strides are in elements (not
 /// bytes) and may describe views, e.g. Q, K and V interleaved in one buffer.

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    available, library, query, root, root_example, run, scratch_dir, take_f32, take_f64, take_u16, take_u32,
-    value, write_safetensors,
+    available, library, query, root, root_example, run, scratch_dir, static_libs, take_f32, take_f64,
+    take_u16, take_u32, value, write_safetensors,
 };
 use distr_attention_core::backward::{attention_backward, Forward, Gradients};
 use distr_attention_core::budget::{choose_group_sizes, Target};
@@ -21,7 +21,6 @@ use distr_attention_core::{
 };
 
 const CFLAGS: [&str; 5] = ["-O2", "-Wall", "-Wextra", "-Werror", "-Wpedantic"];
-const STATIC_LIBS: [&str; 5] = ["-lpthread", "-ldl", "-lm", "-lrt", "-lutil"];
 
 /// Compiles one source of `examples-c/` against `include/` and the static library.
 fn compile_static(compiler: &str, std: &str, source: &str, exe: &Path) {
@@ -34,7 +33,7 @@ fn compile_static(compiler: &str, std: &str, source: &str, exe: &Path) {
         .arg(root().join("include"))
         .arg(src)
         .arg(&lib.static_lib)
-        .args(STATIC_LIBS)
+        .args(static_libs())
         .arg("-o")
         .arg(exe));
 }
@@ -379,6 +378,13 @@ fn installed_package_works_with_pkg_config_and_cmake() {
     let pc_path = prefix.join("lib/pkgconfig");
     let pc = std::fs::read_to_string(pc_path.join("distr_attention.pc")).unwrap();
     assert!(pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))), "{pc}");
+    // A library with the CUDA entry points links the driver statically.
+    let static_pc = std::fs::read_to_string(pc_path.join("distr_attention-static.pc")).unwrap();
+    assert_eq!(static_pc.contains("-lcuda"), cfg!(feature = "cuda"), "{static_pc}");
+    let cmake_config =
+        std::fs::read_to_string(prefix.join("lib/cmake/DistrAttention/DistrAttentionConfig.cmake")).unwrap();
+    let flag = if cfg!(feature = "cuda") { "ON" } else { "OFF" };
+    assert!(cmake_config.contains(&format!("set(DistrAttention_CUDA {flag})")), "{cmake_config}");
 
     if available("pkg-config") {
         let flags = |package: &str| {
@@ -451,7 +457,62 @@ fn installed_package_works_with_pkg_config_and_cmake() {
 }
 
 fn check_status_test_with_path(exe: &Path, lib_dir: &Path) {
-    let out = run(Command::new(exe).env("LD_LIBRARY_PATH", lib_dir));
+    // Prepended: the CUDA build also needs the driver's directory that may be there.
+    let mut path = std::ffi::OsString::from(lib_dir);
+    if let Some(rest) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.push(":");
+        path.push(rest);
+    }
+    let out = run(Command::new(exe).env("LD_LIBRARY_PATH", path));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().last().unwrap_or("").ends_with(" passed, 0 failed"), "{stdout}");
+}
+
+/// nvcc: `$NVCC` (set by .ci/cuda.sh) or the one on the PATH, with the
+/// library directory of its toolkit (the PyPI toolchain's cudart is not on
+/// nvcc's default search path).
+#[cfg(feature = "cuda")]
+fn nvcc() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let nvcc = std::env::var_os("NVCC")
+        .map(std::path::PathBuf::from)
+        .or_else(|| available("nvcc").then(|| std::path::PathBuf::from("nvcc")))?;
+    let toolkit_lib = nvcc.parent().and_then(Path::parent).map(|p| p.join("lib")).unwrap_or_default();
+    Some((nvcc, toolkit_lib))
+}
+
+/// The CUDA programs, built with nvcc against the shared library with the
+/// CUDA entry points, and run: without a GPU they must say so and succeed;
+/// with one, the example must find the GPU and the CPU in agreement and the
+/// status test must pass.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_programs_build_and_run_or_skip() {
+    let Some((nvcc, toolkit_lib)) = nvcc() else {
+        eprintln!("skipped: no nvcc (source .ci/cuda.sh --env-only)");
+        return;
+    };
+    let lib = library();
+    let dir = scratch_dir("cuda_programs");
+    for (source, extra, done) in [
+        ("cuda_example.cu", None, "GPU and CPU agree"),
+        ("cuda_status_test.cu", Some("-lcuda"), " passed, 0 failed"),
+    ] {
+        let exe = dir.join(source.trim_end_matches(".cu"));
+        run(Command::new(&nvcc)
+            .args(["-std=c++17", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"])
+            .arg("-I")
+            .arg(root().join("include"))
+            .arg(root().join("examples-c").join(source))
+            .arg(format!("-L{}", toolkit_lib.display()))
+            .arg(format!("-L{}", lib.dir.display()))
+            .arg("-ldistr_attention")
+            .arg("-Xlinker")
+            .arg(format!("-rpath,{}", lib.dir.display()))
+            .args(extra)
+            .arg("-o")
+            .arg(&exe));
+        let out = run(&mut Command::new(&exe));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("skipped: no CUDA device") || stdout.contains(done), "{source}: {stdout}");
+    }
 }

@@ -31,7 +31,12 @@ pub fn gpu(test: &str) -> Option<Gpu> {
     };
     let engine = Engine::new().expect("engine for the current context");
     let stream = Stream::new(StreamFlags::NON_BLOCKING, None).expect("stream");
-    println!("{test}: running on compute capability {:?}, image {:?}", engine.capability(), engine.image());
+    println!(
+        "{test}: running on compute capability {:?}, image {:?}, wgmma kernel {}",
+        engine.capability(),
+        engine.image(),
+        engine.wgmma()
+    );
     Some(Gpu { engine, stream, _ctx: ctx })
 }
 
@@ -183,6 +188,21 @@ pub fn run_gpu<G: GpuElement, O: OutHost>(
     out_layout: Layout,
     with_lse: bool,
 ) -> GpuRun {
+    run_gpu_on::<G, O>(&gpu.engine, &gpu.stream, cfg, q, k, v, out_layout, with_lse)
+}
+
+/// [`run_gpu`] on a given engine (of the current context) and stream.
+#[allow(clippy::too_many_arguments)]
+pub fn run_gpu_on<G: GpuElement, O: OutHost>(
+    engine: &Engine,
+    stream: &Stream,
+    cfg: &Config<'_>,
+    q: (&[G::Host], Layout),
+    k: (&[G::Host], Layout),
+    v: (&[G::Host], Layout),
+    out_layout: Layout,
+    with_lse: bool,
+) -> GpuRun {
     let p = Problem::new(&q.1, &k.1, &v.1).expect("valid problem");
     let (dq, dk, dv) = (upload::<G>(q.0), upload::<G>(k.0), upload::<G>(v.0));
     let out_len = out_layout.required_len(distr_attention::Operand::Output).unwrap() + 16;
@@ -192,27 +212,18 @@ pub fn run_gpu<G: GpuElement, O: OutHost>(
     let needs_plan = (0..p.q_heads).any(|h| cfg.group_size(h) > 1);
     let shape = PlanShape::new(cfg, &q.1).unwrap();
     let mut dplan = DeviceBuffer::from_slice(&vec![u16::MAX; shape.num_entries().unwrap()]).unwrap();
-    let e = &gpu.engine;
+    let e = engine;
     if needs_plan {
-        let got = e.plan(cfg, &tq, &mut dplan, &gpu.stream).expect("gpu plan");
+        let got = e.plan(cfg, &tq, &mut dplan, stream).expect("gpu plan");
         assert_eq!(got, shape);
     }
     {
         let plan = GpuPlan::new(&dplan, shape);
         let mut tout = GpuTensorMut::new(&mut dout, out_layout);
-        e.attention(
-            cfg,
-            needs_plan.then_some(&plan),
-            &tq,
-            &tk,
-            &tv,
-            &mut tout,
-            dlse.as_deref_mut(),
-            &gpu.stream,
-        )
-        .expect("gpu attention");
+        e.attention(cfg, needs_plan.then_some(&plan), &tq, &tk, &tv, &mut tout, dlse.as_deref_mut(), stream)
+            .expect("gpu attention");
     }
-    gpu.stream.synchronize().expect("kernels ran");
+    stream.synchronize().expect("kernels ran");
     let out_raw = download(&dout);
     let written: std::collections::HashSet<usize> = addressed(&out_layout).into_iter().collect();
     let mut stray_writes = 0;

@@ -938,7 +938,7 @@ fn status_strings_and_version() {
         assert!(!text.is_empty() && seen.insert(text), "{text}");
     }
     // SAFETY: as above.
-    assert_eq!(unsafe { CStr::from_ptr(da_status_string(18)) }.to_str().unwrap(), "unknown status");
+    assert_eq!(unsafe { CStr::from_ptr(da_status_string(20)) }.to_str().unwrap(), "unknown status");
     assert_eq!(unsafe { CStr::from_ptr(da_status_string(u32::MAX)) }.to_str().unwrap(), "unknown status");
     assert_eq!(unsafe { CStr::from_ptr(da_version()) }.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
     let (major, minor, patch): (u32, u32, u32) = (
@@ -964,5 +964,6 @@ fn abi_layout() {
 
 mod backward;
 mod budget;
+mod cuda;
 mod grouping;
 mod table;

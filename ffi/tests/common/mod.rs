@@ -40,6 +40,10 @@ pub fn library() -> &'static Library {
         cmd.current_dir(root())
             .args(["build", "--quiet", "-p", "distr-attention-ffi", "--lib", "--target-dir"])
             .arg(target_dir);
+        // The library of the features these tests were built with.
+        if cfg!(feature = "cuda") {
+            cmd.args(["--features", "cuda"]);
+        }
         match profile {
             "debug" => {}
             "release" => {
@@ -146,6 +150,18 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch directory");
     dir
+}
+
+/// What a program linking the static library needs from the system beyond
+/// the C compiler's defaults: Rust's standard library's dependencies, and
+/// with the `cuda` feature the driver (`-lcuda`; .ci/cuda.sh puts its
+/// libcuda.so on `LIBRARY_PATH`).
+pub fn static_libs() -> Vec<&'static str> {
+    let mut libs = vec!["-lpthread", "-ldl", "-lm", "-lrt", "-lutil"];
+    if cfg!(feature = "cuda") {
+        libs.push("-lcuda");
+    }
+    libs
 }
 
 /// Runs a command, failing the test with its output if it fails.

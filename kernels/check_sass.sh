@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# SASS check of the Hopper attention kernels (kernels/hfwd.cu): compiles each
+# translation unit for sm_90a with `-Xptxas -v` and fails unless every
+# da_hfwd_* kernel has no stack frame and no spills (ptxas report), contains
+# HGMMA (wgmma) instructions and no local-memory access (LDL/STL) in its
+# SASS (cuobjdump --dump-sass).
+#
+#   bash kernels/check_sass.sh [outdir]
+#
+# nvcc: $NVCC (see .ci/cuda.sh --env-only). cuobjdump: $CUOBJDUMP, else on
+# PATH, else a venv under .tools/sass-venv with the PyPI packages
+# nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (installed on first use).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+out="${1:-$(mktemp -d)}"
+mkdir -p "$out"
+nvcc="${NVCC:-nvcc}"
+cuobjdump="${CUOBJDUMP:-}"
+if [ -z "$cuobjdump" ]; then
+    if command -v cuobjdump >/dev/null; then
+        cuobjdump=cuobjdump
+    else
+        venv=../.tools/sass-venv
+        if [ ! -x "$venv/bin/python" ]; then
+            python3 -m venv "$venv"
+            "$venv/bin/pip" install -q --disable-pip-version-check nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+        fi
+        cuobjdump=$(find "$venv" -name cuobjdump -type f | head -n1)
+    fi
+fi
+# cuobjdump needs nvdisasm beside it or on PATH.
+export PATH="$(dirname "$(command -v "$cuobjdump" || echo "$cuobjdump")"):$PATH"
+status=0
+for dtype in bf16 f16; do
+    for d in 64 128; do
+        is_bf16=$([ $dtype = bf16 ] && echo 1 || echo 0)
+        cubin="$out/hfwd_${dtype}_d${d}.sm_90a.cubin"
+        "$nvcc" -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -cubin -Xptxas -v \
+            -DDA_DTYPE=$dtype -DDA_DTYPE_IS_BF16=$is_bf16 -DDA_HEAD_DIM=$d -I. hfwd.cu -o "$cubin" \
+            > "$out/ptxas_${dtype}_d${d}.txt" 2>&1
+        "$cuobjdump" --dump-sass "$cubin" > "$out/hfwd_${dtype}_d${d}.sass"
+        # Per kernel: registers, stack, spills, HGMMA count, LDL/STL count.
+        python3 - "$out/ptxas_${dtype}_d${d}.txt" "$out/hfwd_${dtype}_d${d}.sass" <<'PY' || status=1
+import re, sys
+ptxas, sass = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+ok = True
+for name, body in re.findall(r"Function properties for (\S+)\n(.*?)(?=Compiling entry|\Z)", ptxas, re.S):
+    stack = int(re.search(r"(\d+) bytes stack frame", body).group(1))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", body)]
+    regs = re.search(r"Used (\d+) registers", body).group(1)
+    m = re.search(r"Function : " + re.escape(name) + r"\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+    code = m.group(1) if m else ""
+    hgmma = len(re.findall(r"\bHGMMA\.", code))
+    local = len(re.findall(r"\b(?:LDL|STL)\b", code))
+    good = stack == 0 and sum(spills) == 0 and hgmma > 0 and local == 0
+    ok &= good
+    print(f"{'ok  ' if good else 'FAIL'} {name}: {regs} registers (cap at entry), stack {stack} B, "
+          f"spills {sum(spills)} B, HGMMA {hgmma}, LDL/STL {local}")
+sys.exit(0 if ok else 1)
+PY
+    done
+done
+[ $status -eq 0 ] && echo "check_sass: all Hopper kernels use HGMMA, no spills, no local memory" || echo "check_sass: FAILED"
+exit $status
