@@ -77,9 +77,9 @@
 //!   from the given O, so an O stored in bf16 limits the accuracy of dQ and
 //!   dK on nearly one-hot rows (see `kernels/NOTES.md`). Its kernels need up
 //!   to 224 KB of shared memory per CTA (head_dim 128); on devices with less
-//!   (8.x) those launches fail with a CUDA error. Speed (H100, bf16): one
-//!   training step at 0.80-0.89x torch FA2 (G = 1) and 0.73-0.81x (G = 2,
-//!   plan included).
+//!   (8.x) those launches fail with a CUDA error. Speed (H100, bf16, with the
+//!   Hopper forward): one training step at 0.81-0.86x torch FA2 (G = 1) and
+//!   0.77-0.87x (G = 2, plan included); the backward alone 0.72-0.80x FA2's.
 //! * **Not checked on the device**: finiteness of the inputs (the CPU core
 //!   rejects NaN/inf; here they propagate to the output). Plan entries are
 //!   clamped to `head_dim - 1`, so a corrupt plan gives wrong numbers but no
