@@ -306,6 +306,11 @@ impl Engine {
         }
         let r = distr_attention_core::projections(cfg)?;
         let buf = DeviceBuffer::from_slice(&r)?;
+        // A copy from pageable memory may return before the data lands; a
+        // kernel on a non-blocking stream could then read it early. Once per
+        // config, so a context-wide wait is cheap.
+        // SAFETY: a plain driver call on the current context.
+        unsafe { check!(cuCtxSynchronize()) };
         let ptr = buf.as_device_ptr().as_raw();
         cache.insert(key, buf);
         Ok(ptr)
