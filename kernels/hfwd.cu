@@ -15,9 +15,7 @@
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
-//       O += P V (wgmma, P from registers, V transposed from shared memory);
-//       S_j and P_{j-1} V_{j-1} are issued together, the softmax of tile j
-//       starts when S_j is done.
+//       O += P V (wgmma, P from registers, V transposed from shared memory).
 // Stages (3 at D = 128, 4 at D = 64): full[s] (producer -> consumers: 128
 // producer arrivals after their copies completed, Khat written and
 // fence.proxy.async), empty[s] (consumers -> producer: one arrival per
@@ -129,16 +127,6 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-// Keeps P's registers live (and untouched) up to here: an in-flight P V
-// wgmma still reads them (a real instruction: an empty asm leaves no use in
-// the PTX, and ptxas then reuses the registers and waits for the wgmma early).
-template <int N>
-__device__ __forceinline__ void fence_pf(uint32_t (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) asm volatile("mov.b32 %0, %0;\n" : "+r"(r[i][k])::"memory");
-}
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -193,8 +181,7 @@ __device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) { return 
 
 // kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
 // bit 0 the producer skips the transpose and Khat (Khat stale), bit 1 it skips
-// the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 3 the
-// consumers wait for each GEMM (no S_{j+1} / P_j V_j overlap).
+// the raw-K loads, bit 2 the consumers skip the softmax (P = S).
 template <typename T, int D, int G, int kAblate = 0>
 __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
     using Tr = HTraits<D, G>;
@@ -480,14 +467,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         const float scale_log2 = p.scale_log2;
         const int row_base = r0 + warp * 16 + lane / 4;   // + 8 * r
 
-        // Tile j: S_j and then P_{j-1} V_{j-1} are issued back to back (two
-        // commit groups); the softmax of tile j runs once S_j is done, while
-        // P_{j-1} V_{j-1} may still be in the tensor pipe; O is rescaled and
-        // P_j packed after that GEMM finished. One definition site per
-        // accumulator (no loop-carried S), so ptxas keeps the wgmmas async.
-        // pf stays live until the wait (the P V wgmma reads it asynchronously).
-        // kAblate bit 3: the serial order of v3 (S, wait, softmax, P V, wait).
-        constexpr bool kOverlap = !(kAblate & 8);
+        // Per tile, in order: S = Qhat Khat^T, wait, mask + softmax, O += P V,
+        // wait (the two consumer warpgroups overlap each other). Issuing S_j
+        // together with P_{j-1} V_{j-1} measured slower (kernels/NOTES.md, v4).
         uint32_t pf[BN / 16][4];
         auto issue_pv = [&](int jj) {
             const uint32_t vst = sbase + Tr::kOffStage + (jj % S) * Tr::kStageBytes + Tr::kKBytes;
@@ -516,15 +498,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 }
             }
             wgmma_commit();
-            // Unconditional waits (an empty group when there is no P V):
-            // ptxas does not correlate branches and would serialise the wgmmas.
-            if constexpr (kOverlap) {
-                if (j > 0) issue_pv(j - 1);
-                wgmma_commit();
-                wgmma_wait<1>();
-            } else {
-                wgmma_wait<0>();
-            }
+            wgmma_wait<0>();
             fence_regs(acc_s);
 
             // ---- mask: key tail and bottom-right causal ----
@@ -572,14 +546,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 }
             }
 
-            // ---- P_{j-1} V_{j-1} done: stage j-1 free, O rescaled, P_j packed ----
-            if constexpr (kOverlap) {
-                fence_regs(acc_s);   // the softmax stays ahead of the wait (else ptxas reuses pf's registers)
-                wgmma_wait<0>();
-                fence_regs(acc_o);
-                fence_pf(pf);
-                if (j > 0 && lane == 0) mbar_arrive(bar_empty + 8 * ((j - 1) % S));
-            }
+            // ---- O rescaled, P packed, O += P V ----
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -594,21 +561,12 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 pf[kk][2] = Nm::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
                 pf[kk][3] = Nm::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
             }
-            if constexpr (!kOverlap) {
-                wgmma_fence();
-                issue_pv(j);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(acc_o);
-                if (lane == 0) mbar_arrive(bar_empty + 8 * s);
-            }
-        }
-        if (kOverlap && n_tiles > 0) {
             wgmma_fence();
-            issue_pv(n_tiles - 1);
+            issue_pv(j);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc_o);
+            if (lane == 0) mbar_arrive(bar_empty + 8 * s);
         }
 
         // ---- epilogue ----
