@@ -6,21 +6,23 @@
 //
 // One CTA (3 warpgroups, 384 threads) per (128 query rows, head, batch):
 //   warpgroup 0, producer: cp.async loads of K and V tiles (BN = 128 keys);
-//       G = 1: K goes straight into the wgmma layout; G > 1: K lands in a
-//       row-padded buffer and the producer builds Khat[n][t] = sum of the
-//       group's K columns (f32, rounded once to T; G = 2 with T's own add,
-//       which is the same single rounding) into the wgmma layout.
+//       G = 1: K goes straight into the wgmma layout; G > 1: K lands in the
+//       same swizzled layout (16-byte copies), is transposed into K^T
+//       (ldmatrix + stmatrix.trans) and the producer builds Khat^T[t][n] = sum
+//       of the group's K^T rows, 8 keys per 16-byte load (f32, rounded once to
+//       T; G = 2 with T's own add, which is the same single rounding), into
+//       an MN-major operand.
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
 //       O += P V (wgmma, P from registers, V transposed from shared memory).
-// Stages: full[s] (producer -> consumers: 128 producer arrivals after their
-// copies completed, Khat written and fence.proxy.async), empty[s]
-// (consumers -> producer: one arrival per consumer warp after its wgmma
-// reads finished).
+// Stages (3 at D = 128, 4 at D = 64): full[s] (producer -> consumers: 128
+// producer arrivals after their copies completed, Khat written and
+// fence.proxy.async), empty[s] (consumers -> producer: one arrival per
+// consumer warp after its wgmma reads finished).
 //
 // Shared-memory operands:
-//   Tiles loaded from global memory (Q for G = 1, K for G = 1, V) use the
+//   Tiles loaded from global memory (Q for G = 1, K, V) use the
 //   128-byte-swizzle layouts, one region per 64 columns: row r's 16-byte
 //   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16). Each thread copies
 //   whole rows' chunks, so a warp reads full 128-byte lines from L2 and writes
@@ -28,9 +30,9 @@
 //   warp copy: half lines, L2-bound at 90% of its throughput).
 //     K-major (Q, K): start + 32 bytes per k-step of 16, next region per 4
 //       k-steps; SBO = 1024 (8 rows), swizzle mode 1.
-//     MN-major (V, keys are the reduction dim): start + 2048 bytes per 16
-//       keys; LBO = region size (next 64 columns), SBO = 1024 (next 8 keys).
-//   Qhat and Khat (written by threads) use the no-swizzle K-major layout:
+//     MN-major (V, Khat^T; the reduction dim is the row): start + 2048 bytes
+//       per 16 rows; LBO = region size (next 64 columns), SBO = 1024.
+//   Qhat (written by threads) uses the no-swizzle K-major layout:
 //       (c/8)*128 + (r/8)*SBO + (r%8)*16 + (c%8)*2,  LBO = 128, SBO = 16*C
 #include <type_traits>
 
@@ -63,9 +65,11 @@ struct HTraits {
     static constexpr int DG = D / G;
     static constexpr int KW = (DG + 15) / 16 * 16;   // reduction width of S, padded to wgmma's k
     static constexpr int KC = kFused ? KW : D;        // columns of the S operands
-    // Stages of (K or Khat, V); G = 1 has the room for more.
-    static constexpr int S = kFused ? 2 : (D == 128 ? 3 : 4);
-    static constexpr int kPitchKraw = 2 * D + 4;      // 4-byte pad: conflict-free column gathers
+    // Stages of (K or Khat, V): 3 (D = 128) or 4 (D = 64); G > 1 fits 3 at
+    // D = 128 because raw Q (read once, by the consumers' Qhat build) and K^T
+    // (written by the producer from its first transpose on) share one region.
+    static constexpr int S = D == 128 ? 3 : 4;
+    static constexpr int kPitchKT = 2 * BN + 16;      // K^T rows (one per column of K), 16-byte pad
     static constexpr int kPitchQraw = 2 * D + 16;
     static constexpr int kKBytes = BN * KC * 2;
     static constexpr int kVBytes = BN * D * 2;
@@ -73,10 +77,14 @@ struct HTraits {
     static constexpr int kOffBar = 0;                 // full[S], empty[S]
     static constexpr int kOffOff = 128;               // sigma as byte offsets, D x u32
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
-    static constexpr int kOffQraw = kOffQ + BM * KC * 2;   // G > 1 only
-    static constexpr int kOffKraw = kOffQraw + (kFused ? (BM * kPitchQraw + 1023) / 1024 * 1024 : 0);
-    static constexpr int kKrawBytes = (BN * kPitchKraw + 1023) / 1024 * 1024;
-    static constexpr int kOffStage = kOffKraw + (kFused ? 2 * kKrawBytes : 0);
+    // G > 1 only: raw K, then K^T aliased with raw Q.
+    static constexpr int kOffKraw = kOffQ + BM * KC * 2;
+    static constexpr int kKrawBytes = BN * D * 2;     // raw K tile, 128-byte swizzle (as G = 1's K)
+    static constexpr int kOffKT = kOffKraw + (kFused ? kKrawBytes : 0);
+    static constexpr int kOffQraw = kOffKT;
+    static constexpr int kKTBytes =
+        ((D * kPitchKT > BM * kPitchQraw ? D * kPitchKT : BM * kPitchQraw) + 1023) / 1024 * 1024;
+    static constexpr int kOffStage = kOffKT + (kFused ? kKTBytes : 0);
     static constexpr int kSmem = kOffStage + S * kStageBytes;
     static_assert(kSmem <= 227 * 1024, "shared memory");
     static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "swizzle atoms");
@@ -110,7 +118,10 @@ __device__ __forceinline__ void named_bar(int id, int threads) {
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
@@ -133,15 +144,19 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
 // per 64 columns) at dst; 128 threads, thread t of the group = `lt`.
 template <int D, int ROWS, typename T>
 __device__ __forceinline__ void load_sw128(uint32_t dst, const T* src, long long stride, int valid, int lt) {
-    constexpr int kPerRow = D / 8, kIters = ROWS * kPerRow / 128;
-    static_assert(ROWS * kPerRow % 128 == 0, "tile split");
+    constexpr int kPerRow = D / 8, kIters = ROWS * kPerRow / 128, kRowsPerIter = 128 / kPerRow;
+    static_assert(ROWS * kPerRow % 128 == 0 && kRowsPerIter % 8 == 0, "tile split");
+    // A thread's chunk c and row % 8 (hence its swizzle) are the same in every
+    // iteration: one pointer increment and an immediate offset per copy.
+    const int row0 = lt / kPerRow, c = lt % kPerRow;
+    const uint32_t d = dst + (c / 8) * (ROWS * 128) + row0 * 128 + (((c % 8) ^ (row0 % 8)) << 4);
+    const T* g = src + (long long)row0 * stride + c * 8;
+    const long long step = kRowsPerIter * stride;
 #pragma unroll 4
     for (int it = 0; it < kIters; ++it) {
-        const int idx = it * 128 + lt;
-        const int row = idx / kPerRow, c = idx % kPerRow;
-        const uint32_t d = dst + (c / 8) * (ROWS * 128) + row * 128 + (((c % 8) ^ (row % 8)) << 4);
-        const bool ok = row < valid;
-        cp_async16(d, ok ? src + (long long)row * stride + c * 8 : src, ok);
+        const bool ok = row0 + it * kRowsPerIter < valid;
+        cp_async16(d + it * (kRowsPerIter * 128), ok ? g : src, ok);
+        g += step;
     }
 }
 
@@ -164,7 +179,10 @@ __device__ __forceinline__ T hgroup_sum(const T (&e)[G]) {
 
 __device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
-template <typename T, int D, int G>
+// kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
+// bit 0 the producer skips the transpose and Khat (Khat stale), bit 1 it skips
+// the raw-K loads, bit 2 the consumers skip the softmax (P = S).
+template <typename T, int D, int G, int kAblate = 0>
 __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
     using Tr = HTraits<D, G>;
     using Nm = Num<T>;
@@ -219,96 +237,125 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         auto load_k = [&](int j, int s) {
             load_sw128<D, BN>(stage_k(s), kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
         };
-        // K tile j -> row-padded raw buffer r (G > 1; 4-byte copies: the pad is 4 bytes).
-        auto load_kraw = [&](int j, int r) {
-            const int n0 = j * BN;
-            constexpr int kWords = BN * D / 2, kIters = kWords / 128;
-            constexpr int kRowsPerIter = 128 / (D / 2);
-            const uint32_t base = sbase + Tr::kOffKraw + r * Tr::kKrawBytes;
-            const int key0 = lt / (D / 2), w = lt % (D / 2);
-            if (n0 + BN <= n_kv) {
-                // A whole tile: no predicates, one pointer increment per copy.
-                const T* g = kg + (long long)(n0 + key0) * ks + 2 * w;
-                const long long step = kRowsPerIter * ks;
-                const uint32_t d = base + key0 * Tr::kPitchKraw + w * 4;
-#pragma unroll 16
-                for (int it = 0; it < kIters; ++it) {
-                    cp_async4(d + it * kRowsPerIter * Tr::kPitchKraw, g);
-                    g += step;
-                }
-            } else {
-#pragma unroll 8
-                for (int it = 0; it < kIters; ++it) {
-                    const int key = key0 + it * kRowsPerIter;
-                    const bool ok = n0 + key < n_kv;
-                    cp_async4(base + key * Tr::kPitchKraw + w * 4, ok ? kg + (long long)(n0 + key) * ks + 2 * w : kg,
-                              ok);
-                }
+        // G > 1, per tile: raw K (128-byte swizzle, as G = 1's K) -> K^T (one
+        // padded row of 128 keys per column of K; ldmatrix + stmatrix.trans,
+        // conflict-free both ways) -> Khat^T[t][n] = sum of K^T's rows of group
+        // t, 8 keys per 16-byte load, into the stage's MN-major
+        // 128-byte-swizzle B operand (one region per 64 keys, row t at t*128).
+        const uint32_t kraw = sbase + Tr::kOffKraw, kt = sbase + Tr::kOffKT;
+        auto load_kraw = [&](int j) {
+            if constexpr (!(kAblate & 2)) load_sw128<D, BN>(kraw, kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
+        };
+        // Warp pw, step i: 8x8 blocks of keys a*8.. (a = pw * (BN/32) + i / (D/32)),
+        // columns c*8.. (c = (i % (D/32)) * 4 + m), lane = (m, r): row r of
+        // matrix m. Addresses = per-lane base + a compile-time offset (ptxas
+        // would otherwise keep every address live in the producer's 56 registers).
+        // The swizzle term ((c % 8) ^ r) = (m ^ r) ^ (4 * ((i % (D/32)) % 2)).
+        const int tw = lt / 32, tm = (lt % 32) / 8, tr = lt % 8;
+        const uint32_t ld_base0 = kraw + (tw * (BN / 32) * 8 + tr) * 128 + ((tm ^ tr) << 4);
+        const uint32_t ld_base1 = kraw + (tw * (BN / 32) * 8 + tr) * 128 + ((tm ^ tr ^ 4) << 4);
+        const uint32_t st_base = kt + (tm * 8 + tr) * Tr::kPitchKT + tw * (BN / 32) * 16;
+        auto transpose = [&]() {
+            constexpr int kCB = D / 32;   // ldmatrix.x4 per key block
+#pragma unroll
+            for (int i = 0; i < BN / 32 * kCB; ++i) {
+                const int ci = i % kCB, ai = i / kCB;
+                const uint32_t src = ((ci % 2) ? ld_base1 : ld_base0) + ai * 1024 + (ci / 2) * (BN * 128);
+                const uint32_t dst = st_base + ci * 32 * Tr::kPitchKT + ai * 16;
+                uint32_t x0, x1, x2, x3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(x0), "=r"(x1), "=r"(x2), "=r"(x3)
+                             : "r"(src));
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(dst),
+                             "r"(x0), "r"(x1), "r"(x2), "r"(x3)
+                             : "memory");
             }
         };
-        // Khat of raw buffer r into stage s: lane = key (conflict-free gathers
-        // through the 4-byte row pad), 8 fused columns per 16-byte store.
-        auto fuse = [&](int r, int s) {
+        // Thread lt builds key chunk q = lt % 16 (keys 8q..8q+7) of rows
+        // t = it * 8 + lt / 16 (offsets from s_off: two broadcast addresses per warp).
+        constexpr int kGIt = Tr::kFused ? DG / 8 : 1;
+        auto fuse = [&](int s) {
             if constexpr (Tr::kFused) {
-                const int key = lt;   // BN == 128 producer threads
-                const unsigned char* kr = smem + Tr::kOffKraw + r * Tr::kKrawBytes + key * Tr::kPitchKraw;
-                const uint32_t dst = stage_k(s) + (key / 8) * (16 * KC) + (key % 8) * 16;
+                const int q = lt % 16;
+                const uint32_t dst = stage_k(s) + (q / 8) * (Tr::KW * 128);
+                // G = 8: one output chunk at a time (eight 16-byte loads fill the 56 registers).
+#pragma unroll(G >= 8 ? 1 : kGIt)
+                for (int it = 0; it < kGIt; ++it) {
+                    const int t = it * 8 + lt / 16;
+                    uint4 e[G];
 #pragma unroll
-                for (int tb = 0; tb < DG / 8; ++tb) {
-                    uint16_t out[8];
+                    for (int i = 0; i < G; ++i)
+                        e[i] = *reinterpret_cast<const uint4*>(smem + Tr::kOffKT + (s_off[t * G + i] / 2) * Tr::kPitchKT +
+                                                               q * 16);
+                    uint32_t o[4];
+                    if constexpr (G == 2) {
+                        // T's own add of pairs: the same single rounding as hgroup_sum.
+                        using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+                        const uint32_t* x = reinterpret_cast<const uint32_t*>(&e[0]);
+                        const uint32_t* y = reinterpret_cast<const uint32_t*>(&e[1]);
 #pragma unroll
-                    for (int u = 0; u < 8; ++u) {
-                        // The group's offsets: warp-uniform (broadcast) 8- or 16-byte loads.
-                        alignas(16) uint32_t off[G];
-                        if constexpr (G == 2) {
-                            *reinterpret_cast<uint2*>(off) = *reinterpret_cast<const uint2*>(s_off + (tb * 8 + u) * G);
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < G; i += 4)
-                                *reinterpret_cast<uint4*>(off + i) =
-                                    *reinterpret_cast<const uint4*>(s_off + (tb * 8 + u) * G + i);
+                        for (int w = 0; w < 4; ++w) {
+                            T2 a2 = *reinterpret_cast<const T2*>(x + w), b2 = *reinterpret_cast<const T2*>(y + w);
+                            T2 c2 = __hadd2(a2, b2);
+                            o[w] = *reinterpret_cast<const uint32_t*>(&c2);
                         }
-                        T e[G];
+                    } else {
 #pragma unroll
-                        for (int i = 0; i < G; ++i) e[i] = *reinterpret_cast<const T*>(kr + off[i]);
-                        const T sum = hgroup_sum<T, G>(e);
-                        out[u] = *reinterpret_cast<const uint16_t*>(&sum);
+                        for (int w = 0; w < 4; ++w) {
+                            uint16_t h[2];
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh) {
+                                T v[G];
+#pragma unroll
+                                for (int i = 0; i < G; ++i) {
+                                    const uint32_t word = reinterpret_cast<const uint32_t*>(&e[i])[w];
+                                    const uint16_t bits = (uint16_t)(word >> (16 * hh));
+                                    v[i] = *reinterpret_cast<const T*>(&bits);
+                                }
+                                const T sum = hgroup_sum<T, G>(v);
+                                h[hh] = *reinterpret_cast<const uint16_t*>(&sum);
+                            }
+                            o[w] = pack_raw(h[0], h[1]);
+                        }
                     }
-                    st_shared_v4(dst + tb * 128, pack_raw(out[0], out[1]), pack_raw(out[2], out[3]),
-                                 pack_raw(out[4], out[5]), pack_raw(out[6], out[7]));
+                    st_shared_v4(dst + t * 128 + (((q % 8) ^ (t % 8)) << 4), o[0], o[1], o[2], o[3]);
                 }
             }
         };
 
         if constexpr (Tr::kFused) {
-            // Khat columns past d/G (padding to wgmma's k) stay zero in every stage.
+            // Khat^T rows past d/G (padding to wgmma's k) stay zero in every stage.
             if constexpr (Tr::KW > DG) {
+                constexpr int kPadChunks = (Tr::KW - DG) * 8;   // 16-byte chunks per region
                 for (int s = 0; s < S; ++s)
-                    for (int i = lt; i < BN * (Tr::KW - DG) / 8; i += 128) {
-                        const int key = i % BN, blk = DG / 8 + i / BN;
-                        st_shared_v4(stage_k(s) + (key / 8) * (16 * KC) + (key % 8) * 16 + blk * 128, 0, 0, 0, 0);
-                    }
+                    for (int i = lt; i < (BN / 64) * kPadChunks; i += 128)
+                        st_shared_v4(stage_k(s) + (i / kPadChunks) * (Tr::KW * 128) + DG * 128 + (i % kPadChunks) * 16,
+                                     0, 0, 0, 0);
             }
-            // Iteration j: tile j-1's V and tile j's raw K have landed; tile j-1
-            // (Khat fused last iteration) is published; then tile j's V and tile
-            // j+1's raw K are issued and tile j is fused.
+            // Iteration j: raw K_j and tile j-1's V have landed, tile j-1
+            // (Khat built last iteration) is published; K_j is transposed,
+            // raw K_{j+1} and V_j are issued, and Khat_j is built meanwhile.
             if (n_tiles > 0) {
-                load_kraw(0, 0);
+                load_kraw(0);
                 cp_async_commit();
             }
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % S;
                 cp_async_wait_all();
-                named_bar(1, 128);   // raw K_j visible to every producer thread; raw buffer (j+1)%2 free
+                named_bar(1, 128);   // raw K_j visible to every producer thread
                 if (j > 0) {
                     fence_proxy_async();
                     mbar_arrive(bar_full + 8 * ((j - 1) % S));
                 }
+                // K^T overwrites raw Q: the consumers' Qhat builds must be done (barrier 4).
+                if (j == 0) named_bar(4, kHThreads);
+                if constexpr (!(kAblate & 1)) transpose();
+                named_bar(1, 128);   // K^T complete, raw buffer free
+                if (j + 1 < n_tiles) load_kraw(j + 1);
                 if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
                 load_v(j, s);
-                if (j + 1 < n_tiles) load_kraw(j + 1, (j + 1) % 2);
                 cp_async_commit();
-                fuse(j % 2, s);
+                if constexpr (!(kAblate & 1)) fuse(s);
             }
             if (n_tiles > 0) {
                 cp_async_wait_all();
@@ -392,6 +439,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             }
             fence_proxy_async();
             named_bar(2 + cw, 128);
+            // Raw Q is read: the producer may overwrite it with K^T.
+            if (n_tiles > 0) asm volatile("bar.arrive 4, %0;\n" ::"n"(kHThreads) : "memory");
         }
 
         // S operands: G = 1 swizzled Q and K (next region every 4 k-steps),
@@ -405,7 +454,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         };
         auto desc_b = [&](uint32_t kst, int kk) {
             if constexpr (Tr::kFused) {
-                return make_desc(kst + kk * 256, 128, 16 * KC);
+                // Khat^T, MN-major: next 64 keys one region on, next 8 rows of t 1024 bytes on.
+                return make_desc(kst + kk * 2048, Tr::KW * 128, 1024, 1);
             } else {
                 return make_desc(kst + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024, 1);
             }
@@ -417,6 +467,17 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
         const float scale_log2 = p.scale_log2;
         const int row_base = r0 + warp * 16 + lane / 4;   // + 8 * r
 
+        // Per tile, in order: S = Qhat Khat^T, wait, mask + softmax, O += P V,
+        // wait (the two consumer warpgroups overlap each other). Issuing S_j
+        // together with P_{j-1} V_{j-1} measured slower (kernels/NOTES.md, v4).
+        uint32_t pf[BN / 16][4];
+        auto issue_pv = [&](int jj) {
+            const uint32_t vst = sbase + Tr::kOffStage + (jj % S) * Tr::kStageBytes + Tr::kKBytes;
+            const uint64_t desc_v = make_desc(vst, BN * 128, 1024, 1);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
+        };
+
         for (int j = 0; j < n_tiles; ++j) {
             const int s = j % S;
             const int n0 = j * BN;
@@ -427,9 +488,17 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             float acc_s[BN / 2];
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < KC / 16; ++kk) Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), kk > 0);
+            for (int kk = 0; kk < KC / 16; ++kk) {
+                if constexpr (Tr::kFused) {
+                    if (kk == 0) Wgmma<BN, kBf16>::ss_tb_first(acc_s, desc_a(kk), desc_b(kst, kk));
+                    else Wgmma<BN, kBf16>::ss_tb(acc_s, desc_a(kk), desc_b(kst, kk), 1);
+                } else {
+                    if (kk == 0) Wgmma<BN, kBf16>::ss_first(acc_s, desc_a(kk), desc_b(kst, kk));
+                    else Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), 1);
+                }
+            }
             wgmma_commit();
-            wgmma_wait0();
+            wgmma_wait<0>();
             fence_regs(acc_s);
 
             // ---- mask: key tail and bottom-right causal ----
@@ -450,36 +519,41 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             }
 
             // ---- online softmax (base 2; a row's values live in a lane quad) ----
+            float corr_r[2] = {1.f, 1.f};
+            if constexpr (!(kAblate & 4)) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = row_m[r];
+                for (int r = 0; r < 2; ++r) {
+                    float mx = row_m[r];
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-                    mx = fmaxf(mx, fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_use = mx == -INFINITY ? 0.f : mx * scale_log2;
-                const float corr = fast_exp2(row_m[r] * scale_log2 - m_use);
-                row_m[r] = mx;
-                float sum = 0.f;
+                    for (int nt = 0; nt < BN / 8; ++nt)
+                        mx = fmaxf(mx, fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_use = mx == -INFINITY ? 0.f : mx * scale_log2;
+                    const float corr = fast_exp2(row_m[r] * scale_log2 - m_use);
+                    row_m[r] = mx;
+                    float sum = 0.f;
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
+                    for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float pv = fast_exp2(fmaf(acc_s[nt * 4 + 2 * r + e], scale_log2, -m_use));
-                        acc_s[nt * 4 + 2 * r + e] = pv;
-                        sum += pv;
-                    }
-                row_l[r] = row_l[r] * corr + sum;
-#pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    acc_o[dt * 4 + 2 * r] *= corr;
-                    acc_o[dt * 4 + 2 * r + 1] *= corr;
+                        for (int e = 0; e < 2; ++e) {
+                            const float pv = fast_exp2(fmaf(acc_s[nt * 4 + 2 * r + e], scale_log2, -m_use));
+                            acc_s[nt * 4 + 2 * r + e] = pv;
+                            sum += pv;
+                        }
+                    row_l[r] = row_l[r] * corr + sum;
+                    corr_r[r] = corr;
                 }
             }
 
-            // ---- O += P V ----
-            uint32_t pf[BN / 16][4];
+            // ---- O rescaled, P packed, O += P V ----
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    acc_o[dt * 4 + 2 * r] *= corr_r[r];
+                    acc_o[dt * 4 + 2 * r + 1] *= corr_r[r];
+                }
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
                 pf[kk][0] = Nm::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
@@ -487,12 +561,10 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 pf[kk][2] = Nm::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
                 pf[kk][3] = Nm::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
             }
-            const uint64_t desc_v = make_desc(kst + Tr::kKBytes, BN * 128, 1024, 1);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
+            issue_pv(j);
             wgmma_commit();
-            wgmma_wait0();
+            wgmma_wait<0>();
             fence_regs(acc_o);
             if (lane == 0) mbar_arrive(bar_empty + 8 * s);
         }
@@ -537,6 +609,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 
 }  // namespace da
 
+#ifndef DA_HSTAGE   // cuda-driver/bench/hstage defines its own entry points
 #define DA_CAT_(a, b) a##b
 #define DA_CAT(a, b) DA_CAT_(a, b)
 
@@ -567,3 +640,4 @@ DA_HFWD(1)
 DA_HFWD(2)
 DA_HFWD(4)
 DA_HFWD(8)
+#endif  // DA_HSTAGE
