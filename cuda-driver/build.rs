@@ -56,6 +56,19 @@ pub const DTYPES: [&str; 2] = ["f16", "bf16"];
 
 fn units() -> Vec<Unit> {
     let mut v = vec![Unit { name: "plan".into(), source: "plan.cu", defines: vec![] }];
+    // Similarity/key-weighted plans: one unit per (dtype, head_dim).
+    for dtype in DTYPES {
+        for d in HEAD_DIMS {
+            v.push(Unit {
+                name: format!("simplan_{dtype}_d{d}"),
+                source: "simplan.cu",
+                defines: vec![
+                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+                    format!("DA_SIMPLAN_DIM={d}"),
+                ],
+            });
+        }
+    }
     for dtype in DTYPES {
         for d in HEAD_DIMS {
             v.push(Unit {
@@ -110,7 +123,7 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu"] {
+    for f in ["common.cuh", "plan.cu", "fwd.cu", "simplan.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
     let Some(nvcc) = find_nvcc() else {
