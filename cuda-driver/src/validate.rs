@@ -48,7 +48,7 @@ pub struct RawPlan {
     pub shape: PlanShape,
 }
 
-fn buffer_len(operand: Operand, len: usize, layout: &Layout) -> Result<()> {
+pub(crate) fn buffer_len(operand: Operand, len: usize, layout: &Layout) -> Result<()> {
     let needed = layout.required_len(operand)?;
     if len < needed {
         return Err(CoreError::BufferTooSmall { operand, needed, got: len }.into());
@@ -56,7 +56,7 @@ fn buffer_len(operand: Operand, len: usize, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-fn check_dtype(operand: Operand, dtype: DType, expected: Option<DType>) -> Result<()> {
+pub(crate) fn check_dtype(operand: Operand, dtype: DType, expected: Option<DType>) -> Result<()> {
     let ok = match expected {
         Some(e) => dtype == e,
         None => matches!(dtype, DType::F16 | DType::BF16),
@@ -68,7 +68,7 @@ fn check_dtype(operand: Operand, dtype: DType, expected: Option<DType>) -> Resul
     }
 }
 
-fn i32_of(x: usize, operand: Operand) -> Result<i32> {
+pub(crate) fn i32_of(x: usize, operand: Operand) -> Result<i32> {
     i32::try_from(x).map_err(|_| CoreError::SizeOverflow { operand }.into())
 }
 
@@ -76,7 +76,7 @@ pub(crate) fn i64_of(x: usize, operand: Operand) -> Result<i64> {
     i64::try_from(x).map_err(|_| CoreError::SizeOverflow { operand }.into())
 }
 
-fn aligned(operand: Operand, ptr: u64, bytes: u64, what: &'static str) -> Result<()> {
+pub(crate) fn aligned(operand: Operand, ptr: u64, bytes: u64, what: &'static str) -> Result<()> {
     if ptr.is_multiple_of(bytes) {
         Ok(())
     } else {
@@ -84,7 +84,7 @@ fn aligned(operand: Operand, ptr: u64, bytes: u64, what: &'static str) -> Result
     }
 }
 
-fn strides_multiple(operand: Operand, l: &Layout, elems: usize, what: &'static str) -> Result<()> {
+pub(crate) fn strides_multiple(operand: Operand, l: &Layout, elems: usize, what: &'static str) -> Result<()> {
     let ok = [(l.batch, l.stride_batch), (l.seq, l.stride_seq), (l.heads, l.stride_head)]
         .iter()
         .all(|&(extent, stride)| extent <= 1 || stride.is_multiple_of(elems));
@@ -95,7 +95,7 @@ fn strides_multiple(operand: Operand, l: &Layout, elems: usize, what: &'static s
     }
 }
 
-fn strides_fit(operand: Operand, l: &Layout) -> Result<()> {
+pub(crate) fn strides_fit(operand: Operand, l: &Layout) -> Result<()> {
     for s in [l.stride_batch, l.stride_seq, l.stride_head] {
         i64_of(s, operand)?;
     }
