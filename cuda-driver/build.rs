@@ -72,6 +72,19 @@ fn units() -> Vec<Unit> {
             });
         }
     }
+    // Similarity/key-weighted plans: one unit per (dtype, head_dim).
+    for dtype in DTYPES {
+        for d in HEAD_DIMS {
+            v.push(Unit {
+                name: format!("simplan_{dtype}_d{d}"),
+                source: "simplan.cu",
+                defines: vec![
+                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+                    format!("DA_SIMPLAN_DIM={d}"),
+                ],
+            });
+        }
+    }
     for dtype in DTYPES {
         for d in HEAD_DIMS {
             v.push(Unit {
@@ -135,7 +148,7 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu", "hfwd.cu", "wgmma_ops.cuh"] {
+    for f in ["common.cuh", "plan.cu", "fwd.cu", "hfwd.cu", "wgmma_ops.cuh", "simplan.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
     println!("cargo:rerun-if-changed={}", kernels.join("bwd.cu").display());

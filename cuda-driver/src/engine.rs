@@ -25,6 +25,10 @@ pub(crate) struct ModuleImage {
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+// Similarity and key-weighted plans (a child module: it launches with the engine's internals).
+#[path = "similarity.rs"]
+pub(crate) mod similarity;
+
 const THREADS: u32 = 128;
 /// Threads of the Hopper kernel's CTA (a producer and two consumer warpgroups).
 const HOPPER_THREADS: u32 = 384;
@@ -349,9 +353,11 @@ impl Engine {
     /// `[batch][heads][blocks][head_dim]`, at least
     /// [`PlanShape::num_entries`] entries), asynchronously on `stream`.
     ///
-    /// Dot products are accumulated in f32 (the core's CPU plan uses f64):
-    /// the two agree except where a projection's dot product is within
-    /// rounding of zero.
+    /// LSH: dot products are accumulated in f32 (the core's CPU plan uses
+    /// f64): the two agree except where a projection's dot product is within
+    /// rounding of zero. `GroupingMode::Similarity` runs the similarity plan
+    /// kernel (see [`Engine::plan_with_keys_raw`]); `KeyWeighted` needs the
+    /// keys and is refused here, as by the core's `plan`.
     ///
     /// # Safety
     /// `q.ptr` and `plan.ptr` must be device allocations of the engine's
@@ -365,6 +371,9 @@ impl Engine {
         plan: &RawBuffer,
         stream: cu::CUstream,
     ) -> Result<PlanShape> {
+        if cfg.grouping != distr_attention_core::GroupingMode::Lsh {
+            return self.similarity_plan_raw(cfg, q, None, plan, stream);
+        }
         let shape = check_plan(cfg, q, plan)?;
         self.ensure_context()?;
         let proj = self.projections(cfg)?;
@@ -590,7 +599,8 @@ impl Engine {
     }
 
     /// Plan and attention in one call: computes the plan of `q` into `plan`
-    /// (see [`Engine::plan`]) and attends with it. Returns the plan's shape.
+    /// (see [`Engine::plan_with_keys`]: any grouping mode) and attends with
+    /// it. Returns the plan's shape.
     #[allow(clippy::too_many_arguments)]
     pub fn distr_attention<T: GpuElement, O: GpuOutput>(
         &self,
@@ -603,7 +613,7 @@ impl Engine {
         lse: Option<&mut DeviceSlice<f32>>,
         stream: &Stream,
     ) -> Result<PlanShape> {
-        let shape = self.plan(cfg, q, plan, stream)?;
+        let shape = self.plan_with_keys(cfg, q, k, plan, stream)?;
         let plan = GpuPlan::new(plan, shape);
         self.attention(cfg, Some(&plan), q, k, v, out, lse, stream)?;
         Ok(shape)

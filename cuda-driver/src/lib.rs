@@ -37,9 +37,18 @@
 //! * **Plan**: per (batch, head, block of `block_rows` query rows) the P dot
 //!   products of each column with R (f32 accumulation), inverse-Gray keys, a
 //!   stable sort; one warp per block. `block_rows <= 128`, `head_dim` in
-//!   {16, 32, 64, 128}, LSH grouping only (other groupings: compute the plan
-//!   on the CPU and upload it). It equals the core's f64 plan except where a
+//!   {16, 32, 64, 128}. It equals the core's f64 plan except where a
 //!   dot product is within rounding of zero.
+//! * **Similarity / key-weighted plan** (`Config::grouping`; key-weighted
+//!   through [`Engine::plan_with_keys`]): the core's greedy grouping and
+//!   swap refinement, one CTA per block (Gram matrix with mma.sync, the
+//!   greedy matching as parallel locally-dominant rounds, the refinement's
+//!   sequential scan reproduced by evaluating all pairs of groups at once),
+//!   f32. `block_rows <= 128`, `head_dim` in {32, 64, 128}, G in {1, 2, 4, 8}
+//!   per head. It equals the core's f64 plan except after a near-tie
+//!   decision (see `kernels/NOTES.md`). Speed (H100, bf16, D = 128,
+//!   8192 blocks of 128 rows): 1.06 ms at G = 2 (LSH: 0.20 ms), 14.5% of
+//!   the attention at N = 4096; key-weighted is much slower for G >= 4.
 //! * **Attention**: `block_rows` in {64, 128} (one CTA per block, so one
 //!   permutation per CTA), `head_dim` = `v_dim` in {32, 64, 128}, G in
 //!   {1, 2, 4, 8} per head (one launch per distinct G; G = 1 heads never
@@ -113,6 +122,10 @@ pub use backward::{
 pub use cust;
 #[cfg(feature = "cuda")]
 pub use distr_attention_core::{Config, DType, Fusion, GroupSizes, Layout, PlanShape, Problem};
+#[cfg(feature = "cuda")]
+pub use engine::similarity::{
+    check_similarity_plan, SIMILARITY_GROUP_SIZES, SIMILARITY_HEAD_DIMS, SIMILARITY_MAX_BLOCK_ROWS,
+};
 #[cfg(feature = "cuda")]
 pub use engine::{Engine, ImageKind};
 #[cfg(feature = "cuda")]
