@@ -289,23 +289,7 @@ pub fn check_backward(
     check_grad(Operand::DK, &grads.dk, [p.batch, p.kv_len, p.kv_heads, p.head_dim])?;
     check_grad(Operand::DV, &grads.dv, [p.batch, p.kv_len, p.kv_heads, p.v_dim])?;
     if let Some(plan) = plan {
-        let s = plan.shape;
-        let expected_blocks = p.q_len.div_ceil(cfg.block_rows);
-        for (dim, expected, got) in [
-            (Dim::Batch, p.batch, s.batch),
-            (Dim::Heads, p.q_heads, s.heads),
-            (Dim::HeadDim, p.head_dim, s.head_dim),
-            (Dim::Seq, expected_blocks, s.blocks),
-            (Dim::Seq, cfg.block_rows, s.block_rows),
-        ] {
-            if expected != got {
-                return Err(CoreError::ShapeMismatch { operand: Operand::Plan, dim, expected, got }.into());
-            }
-        }
-        let needed = s.num_entries()?;
-        if plan.len < needed {
-            return Err(CoreError::BufferTooSmall { operand: Operand::Plan, needed, got: plan.len }.into());
-        }
+        crate::validate::plan_fits(cfg, &p, plan)?;
     }
 
     // What this backend restricts.

@@ -110,6 +110,29 @@ pub(crate) fn strides_fit(operand: Operand, l: &Layout) -> Result<()> {
 /// `head_dim` in [`PLAN_HEAD_DIMS`], `block_rows <= 128`) and alignment (Q
 /// 8-byte aligned with strides multiples of 4 elements: it is read four
 /// columns at a time).
+/// A plan matches the problem (the core's checks, in its order): its shape,
+/// then its length. Shared by the forward and the backward.
+pub(crate) fn plan_fits(cfg: &Config<'_>, p: &Problem, plan: &RawPlan) -> Result<()> {
+    let s = plan.shape;
+    let expected_blocks = p.q_len.div_ceil(cfg.block_rows);
+    for (dim, expected, got) in [
+        (Dim::Batch, p.batch, s.batch),
+        (Dim::Heads, p.q_heads, s.heads),
+        (Dim::HeadDim, p.head_dim, s.head_dim),
+        (Dim::Seq, expected_blocks, s.blocks),
+        (Dim::Seq, cfg.block_rows, s.block_rows),
+    ] {
+        if expected != got {
+            return Err(CoreError::ShapeMismatch { operand: Operand::Plan, dim, expected, got }.into());
+        }
+    }
+    let needed = s.num_entries()?;
+    if plan.len < needed {
+        return Err(CoreError::BufferTooSmall { operand: Operand::Plan, needed, got: plan.len }.into());
+    }
+    Ok(())
+}
+
 pub fn check_plan(cfg: &Config<'_>, q: &RawTensor, plan: &RawBuffer) -> Result<PlanShape> {
     let shape = PlanShape::new(cfg, &q.layout)?;
     if cfg.grouping != GroupingMode::Lsh {
@@ -180,23 +203,7 @@ pub fn check_attention(
         }
     }
     if let Some(plan) = plan {
-        let s = plan.shape;
-        let expected_blocks = p.q_len.div_ceil(cfg.block_rows);
-        for (dim, expected, got) in [
-            (Dim::Batch, p.batch, s.batch),
-            (Dim::Heads, p.q_heads, s.heads),
-            (Dim::HeadDim, p.head_dim, s.head_dim),
-            (Dim::Seq, expected_blocks, s.blocks),
-            (Dim::Seq, cfg.block_rows, s.block_rows),
-        ] {
-            if expected != got {
-                return Err(CoreError::ShapeMismatch { operand: Operand::Plan, dim, expected, got }.into());
-            }
-        }
-        let needed = s.num_entries()?;
-        if plan.len < needed {
-            return Err(CoreError::BufferTooSmall { operand: Operand::Plan, needed, got: plan.len }.into());
-        }
+        plan_fits(cfg, &p, plan)?;
     }
 
     // What this backend restricts.
