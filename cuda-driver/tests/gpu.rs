@@ -75,8 +75,7 @@ impl Case {
     }
 
     fn config(&self) -> Config<'_> {
-        let group_sizes =
-            if self.g.len() == 1 { GroupSizes::Uniform(self.g[0]) } else { GroupSizes::PerHead(&self.g) };
+        let group_sizes = group_sizes(&self.g);
         Config {
             block_rows: self.block_rows,
             group_sizes,

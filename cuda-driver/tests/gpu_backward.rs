@@ -24,9 +24,7 @@ mod common;
 use common::*;
 use distr_attention::backward::{reference as bref, Forward, Gradients};
 use distr_attention::metrics::head_relative_errors;
-use distr_attention::{
-    Config, Element, Fusion, GroupSizes, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut,
-};
+use distr_attention::{Config, Element, Fusion, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut};
 use distr_attention_cuda::cust::memory::DeviceBuffer;
 use distr_attention_cuda::{
     backward_workspace_len, Bf16, GpuElement, GpuForward, GpuGradients, GpuPlan, GpuTensor, GpuTensorMut, F16,
@@ -108,8 +106,7 @@ impl Case {
     }
 
     fn config(&self) -> Config<'_> {
-        let group_sizes =
-            if self.g.len() == 1 { GroupSizes::Uniform(self.g[0]) } else { GroupSizes::PerHead(&self.g) };
+        let group_sizes = group_sizes(&self.g);
         Config {
             block_rows: self.block_rows,
             group_sizes,

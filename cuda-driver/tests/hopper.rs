@@ -15,7 +15,7 @@
 mod common;
 
 use common::*;
-use distr_attention::{Config, Element, Fusion, GroupSizes, Layout, Problem};
+use distr_attention::{Config, Element, Fusion, Layout, Problem};
 use distr_attention_cuda::{Bf16, Engine, GpuElement, F16};
 
 fn tol(is_bf16: bool) -> (f64, f64) {
@@ -74,8 +74,7 @@ impl Case {
     }
 
     fn config(&self) -> Config<'_> {
-        let group_sizes =
-            if self.g.len() == 1 { GroupSizes::Uniform(self.g[0]) } else { GroupSizes::PerHead(&self.g) };
+        let group_sizes = group_sizes(&self.g);
         Config {
             block_rows: self.block_rows,
             group_sizes,

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use distr_attention::activations::Activations;
 use distr_attention::metrics::head_relative_errors;
-use distr_attention::{reference, Config, Element, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut};
+use distr_attention::{
+    reference, Config, Element, GroupSizes, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut,
+};
 use distr_attention_cuda::cust::context::Context;
 use distr_attention_cuda::cust::memory::{CopyDestination, DeviceBuffer};
 use distr_attention_cuda::cust::stream::{Stream, StreamFlags};
@@ -72,6 +74,15 @@ impl Rng {
 
 /// A strided layout: BHSD memory order with `pad` extra elements per row
 /// and a gap between batches (all strides multiples of 8 elements).
+/// One G for every head (a single entry) or one per head.
+pub fn group_sizes(g: &[usize]) -> GroupSizes<'_> {
+    if g.len() == 1 {
+        GroupSizes::Uniform(g[0])
+    } else {
+        GroupSizes::PerHead(g)
+    }
+}
+
 pub fn strided(batch: usize, seq: usize, heads: usize, dim: usize, pad: usize) -> Layout {
     let stride_seq = dim + pad;
     let stride_head = seq * stride_seq;
