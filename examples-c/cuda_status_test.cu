@@ -1,8 +1,10 @@
 /*
  * The error paths of the CUDA entry points on a device: each class of bad
  * argument, checking the status and the message, then that nothing was
- * written to the output. Also what is allowed: the default stream (NULL),
- * page-locked host and managed memory, a NULL plan when every head has G = 1.
+ * written to the output (nor to a gradient of the backward). Also what is
+ * allowed: the default stream (NULL), page-locked host and managed memory, a
+ * NULL plan when every head has G = 1, the backward with the caller's
+ * workspace and with none (stream-ordered).
  * Prints "N passed, M failed" and exits nonzero on any failure; prints
  * "skipped: no CUDA device" and exits 0 where there is no usable GPU.
  *
@@ -139,6 +141,48 @@ int main() {
     expect("G = 1 with a NULL plan",
            da_cuda_attention(ctx, &c, nullptr, 0, &tq, &tk, &tv, &to2, nullptr, 0, stream), DA_STATUS_OK, "");
 
+    /* The backward pass on the first forward's plan, output and lse. */
+    void *dq, *dk, *dv, *dout, *ws;
+    for (void **p : {&dq, &dk, &dv}) check_cuda(cudaMalloc(p, LEN * 4), "cudaMalloc");
+    check_cuda(cudaMalloc(&dout, LEN * 2), "cudaMalloc");
+    check_cuda(cudaMemcpy(dout, host.data(), LEN * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    da_tensor tdq = dense(dq, DA_DTYPE_F32), tdk = dense(dk, DA_DTYPE_F32), tdv = dense(dv, DA_DTYPE_F32);
+    da_tensor tdout = dense(dout, DA_DTYPE_BF16);
+    size_t ws_size = 0;
+    expect("backward workspace size", da_cuda_backward_workspace_size(&cfg, &tq, &tdout, &ws_size), DA_STATUS_OK, "");
+    require(ws_size >= (size_t)B * H * N * (D + 1) * 4, "the workspace holds f32 dQ accumulators and row sums");
+    check_cuda(cudaMalloc(&ws, ws_size), "cudaMalloc");
+    const float *flse = (const float *)lse;
+    const uint16_t *cplan = (const uint16_t *)plan;
+    expect("backward, the caller's workspace",
+           da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &tdk,
+                                      &tdv, ws, ws_size, stream),
+           DA_STATUS_OK, "");
+    expect("backward, stream-ordered workspace, default stream",
+           da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &tdk,
+                                      &tdv, nullptr, 0, nullptr),
+           DA_STATUS_OK, "");
+    expect("exact backward",
+           da_cuda_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &tdk, &tdv,
+                                            nullptr, 0, stream),
+           DA_STATUS_OK, "");
+    {
+        distr_attention::CudaContext cpp;
+        distr_attention::Config config;
+        size_t size = distr_attention::CudaContext::backward_workspace_size(config, tq, tdout);
+        require(size == ws_size, "CudaContext::backward_workspace_size");
+        cpp.attention_backward(config, cplan, np, tq, tk, tv, to, flse, B * H * N, tdout, tdq, tdk, tdv, stream, ws,
+                               ws_size);
+        try {
+            cpp.exact_attention_backward(config, tq, tk, tv, to, nullptr, 0, tdout, tdq, tdk, tdv, stream);
+            require(false, "CudaContext::exact_attention_backward without an lse throws");
+        } catch (const distr_attention::Error &e) {
+            require(e.status() == DA_STATUS_NULL_POINTER && std::strstr(e.what(), "lse"),
+                    "CudaContext::exact_attention_backward without an lse throws");
+        }
+    }
+    check_cuda(cudaDeviceSynchronize(), "sync");
+
     {
         /* The C++ wrapper: the same forward, and an error as an exception. */
         distr_attention::CudaContext cpp;
@@ -156,8 +200,9 @@ int main() {
         }
     }
 
-    /* From here on every call fails: the output must stay as it is. */
+    /* From here on every call fails: the output and dq must stay as they are. */
     check_cuda(cudaMemset(out, 0xff, LEN * 4), "cudaMemset");
+    check_cuda(cudaMemset(dq, 0xff, LEN * 4), "cudaMemset");
     check_cuda(cudaDeviceSynchronize(), "sync");
 
     expect("NULL handle", da_cuda_forward(nullptr, &cfg, &tq, &tk, &tv, &to, nullptr, 0, nullptr, 0, stream),
@@ -223,17 +268,73 @@ int main() {
                DA_STATUS_CUDA_ERROR, "not current");
         cuCtxPushCurrent(primary);
     }
+
+    /* The backward's checks (O is NaN now: no call below may launch). */
+#define BWD(WS, WS_SIZE) \
+    da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &tdk, &tdv, \
+                               WS, WS_SIZE, stream)
+    expect("backward: NULL handle",
+           da_cuda_attention_backward(nullptr, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq,
+                                      &tdk, &tdv, ws, ws_size, stream),
+           DA_STATUS_NULL_POINTER, "context");
+    expect("backward: NULL lse",
+           da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, nullptr, 0, &tdout, &tdq, &tdk, &tdv,
+                                      ws, ws_size, stream),
+           DA_STATUS_NULL_POINTER, "lse");
+    expect("backward: G = 2 without a plan",
+           da_cuda_attention_backward(ctx, &cfg, nullptr, 0, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &tdk,
+                                      &tdv, ws, ws_size, stream),
+           DA_STATUS_NULL_POINTER, "no plan");
+    expect("backward: workspace short", BWD(ws, ws_size - 16), DA_STATUS_BUFFER_TOO_SMALL, "workspace");
+    expect("backward: misaligned workspace", BWD((char *)ws + 8, ws_size), DA_STATUS_MISALIGNED_POINTER,
+           "workspace");
+    void *host_ws = std::aligned_alloc(256, (ws_size + 255) / 256 * 256);
+    expect("backward: workspace in pageable host memory", BWD(host_ws, ws_size), DA_STATUS_INVALID_ARGUMENT,
+           "workspace");
+    std::free(host_ws);
+    expect("backward: workspace past its allocation", BWD((char *)big + (1 << 22) - 256, ws_size),
+           DA_STATUS_BUFFER_TOO_SMALL, "workspace: its extent");
+    expect("backward: workspace over dk", BWD(dk, ws_size), DA_STATUS_OVERLAPPING_BUFFERS, "overlaps");
+    t = dense(dout, DA_DTYPE_F16);
+    expect("backward: f16 d_out of bf16 inputs",
+           da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &t, &tdq, &tdk, &tdv,
+                                      ws, ws_size, stream),
+           DA_STATUS_UNSUPPORTED, "d_out");
+    t = dense(q, DA_DTYPE_F32);
+    expect("backward: dk over q",
+           da_cuda_attention_backward(ctx, &cfg, cplan, np, &tq, &tk, &tv, &to, flse, B * H * N, &tdout, &tdq, &t,
+                                      &tdv, ws, ws_size, stream),
+           DA_STATUS_OVERLAPPING_BUFFERS, "dk");
+    expect("backward: lse short",
+           da_cuda_exact_attention_backward(ctx, &cfg, &tq, &tk, &tv, &to, flse, B * H * N - 1, &tdout, &tdq, &tdk,
+                                            &tdv, nullptr, 0, stream),
+           DA_STATUS_BUFFER_TOO_SMALL, "lse");
+    expect("backward workspace size: NULL size", da_cuda_backward_workspace_size(&cfg, &tq, &tdout, nullptr),
+           DA_STATUS_NULL_POINTER, "size");
+    {
+        CUcontext primary = nullptr;
+        cuCtxPopCurrent(&primary);
+        expect("backward: no context current", BWD(ws, ws_size), DA_STATUS_CUDA_ERROR, "not current");
+        cuCtxPushCurrent(primary);
+    }
+#undef BWD
+
     check_cuda(cudaDeviceSynchronize(), "sync");
     std::vector<uint32_t> bits(LEN);
     check_cuda(cudaMemcpy(bits.data(), out, LEN * 4, cudaMemcpyDeviceToHost), "copy");
     bool untouched = true;
     for (uint32_t b : bits) untouched &= b == 0xffffffffu;
     require(untouched, "no failed call wrote the output");
+    check_cuda(cudaMemcpy(bits.data(), dq, LEN * 4, cudaMemcpyDeviceToHost), "copy");
+    untouched = true;
+    for (uint32_t b : bits) untouched &= b == 0xffffffffu;
+    require(untouched, "no failed backward wrote dq");
 
     da_cuda_context_destroy(ctx);
     da_cuda_context_destroy(nullptr);
     cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(out), cudaFree(out2), cudaFree(lse), cudaFree(plan);
     cudaFree(big), cudaFreeHost(pinned), cudaFree(managed);
+    cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(dout), cudaFree(ws);
     cudaStreamDestroy(stream);
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -808,6 +808,112 @@ da_status da_cuda_forward(struct da_cuda_context *ctx,
                           size_t plan_len,
                           void *stream);
 
+// The workspace size in bytes that `da_cuda_attention_backward` needs for
+// `config` and the shapes of `q` and `d_out` (only their shapes and dtypes
+// are read: the data pointers are ignored and may be NULL), stored in
+// `*size`. Pure arithmetic: no handle, no CUDA call, callable before any
+// allocation (like cuDNN's workspace queries). With `R = batch * q_heads *
+// q_len` rows and `d = head_dim` it is about `4 * R * (d + 1)` bytes (f32
+// dQ̂ accumulators and row sums), plus `4 * R * d` when some head has G > 1
+// (Q̂ and Q̃ in the inputs' type), plus `2 * R * d` when `d_out` is f32 (its
+// copy in the inputs' type).
+//
+// For `da_cuda_exact_attention_backward` query with a config whose group
+// sizes are all 1 (`group_size = 1`): its workspace is smaller; any larger
+// workspace works as well.
+//
+// # Safety
+// `config`, `q` and `d_out` NULL or readable host structs (the config's
+// `group_sizes` too); `size` NULL or writable.
+da_status da_cuda_backward_workspace_size(const struct da_config *config,
+                                          const struct da_tensor *q,
+                                          const struct da_tensor *d_out,
+                                          size_t *size);
+
+// Gradients of DistrAttention on a plan with respect to Q, K and V on the
+// GPU (`dQ`, `dK`, `dV`), asynchronously on `stream`: the function of the
+// CPU's `da_attention_backward`, with f16/bf16 inputs and f32 accumulation
+// (no `q_len x kv_len` buffer; P is recomputed from Q̂, K̂ and the LSE).
+//
+// * `q`, `k`, `v`, `config`, `plan`: those of the forward pass
+//   (`da_cuda_forward`'s `plan_out` or `da_cuda_plan`; a CPU plan uploaded
+//   works too), with the requirements of `da_cuda_attention`. `plan` may be
+//   NULL when every head has G = 1.
+// * `o`: the forward's output (`[batch, q_len, q_heads, head_dim]`, f32 or
+//   the inputs' type); `lse`: its log-sum-exp (`lse_len >= batch * q_heads *
+//   q_len` floats, dense `[batch, q_heads, q_len]`, as `da_cuda_forward`
+//   writes it; not NULL). Both from the forward on the same inputs and plan.
+//   Keep O in f32 for training: `Delta = rowsum(dO * O)` inherits O's
+//   rounding, and with a bf16 O the error of dQ can be large on peaked rows.
+// * `d_out`: the gradient of the loss with respect to O, shaped like it,
+//   f32 or the inputs' type.
+// * `dq`, `dk`, `dv`: shaped like Q, K and V, f32 or the inputs' type (each
+//   its own choice), elements not sharing memory; overwritten. dQ sums f32
+//   atomic adds in a varying order, so it is not bit-reproducible between
+//   runs (as in FlashAttention-2); dK and dV are.
+// * `workspace`: `workspace_size` bytes of device memory, at least what
+//   `da_cuda_backward_workspace_size` says, 16-byte aligned, contents
+//   irrelevant; used only until the queued kernels finish, so a caller may
+//   reuse it for the next call on the same stream. NULL: the library
+//   allocates it on `stream` with `cuMemAllocAsync` and frees it after the
+//   kernels with `cuMemFreeAsync` (the device's default memory pool).
+//   Engines with their own allocator pass theirs; the handle caches nothing.
+// * `stream`: as for `da_cuda_plan` (NULL: the legacy default stream).
+//
+// Alignment as for `da_cuda_attention`: Q, K, V and a `d_out` of the inputs'
+// type 16-byte aligned with strides multiples of 8 elements; O, an f32
+// `d_out` and the gradients aligned to two elements with even strides; LSE
+// and the plan 4-byte aligned. The buffers written (`dq`, `dk`, `dv` and the
+// workspace) must not overlap each other nor any input; inputs may overlap.
+// Every argument is checked before the first launch (including that each
+// pointer is memory CUDA knows on the handle's device, with its extent
+// inside its allocation); a failed check launches nothing. Asynchrony as for
+// `da_cuda_plan`.
+//
+// # Safety
+// As for `da_cuda_attention`, for every pointer of the call.
+da_status da_cuda_attention_backward(struct da_cuda_context *ctx,
+                                     const struct da_config *config,
+                                     const uint16_t *plan,
+                                     size_t plan_len,
+                                     const struct da_tensor *q,
+                                     const struct da_tensor *k,
+                                     const struct da_tensor *v,
+                                     const struct da_tensor *o,
+                                     const float *lse,
+                                     size_t lse_len,
+                                     const struct da_tensor *d_out,
+                                     const struct da_tensor *dq,
+                                     const struct da_tensor *dk,
+                                     const struct da_tensor *dv,
+                                     void *workspace,
+                                     size_t workspace_size,
+                                     void *stream);
+
+// Gradients of exact attention (every head G = 1, no plan) on the GPU: the
+// arguments and contract of `da_cuda_attention_backward` without the plan;
+// `o` and `lse` from `da_cuda_exact_attention` (or a forward with G = 1).
+// The config is validated as by `da_cuda_exact_attention`; its group sizes
+// and `block_rows` do not change the result.
+//
+// # Safety
+// As for `da_cuda_attention_backward`.
+da_status da_cuda_exact_attention_backward(struct da_cuda_context *ctx,
+                                           const struct da_config *config,
+                                           const struct da_tensor *q,
+                                           const struct da_tensor *k,
+                                           const struct da_tensor *v,
+                                           const struct da_tensor *o,
+                                           const float *lse,
+                                           size_t lse_len,
+                                           const struct da_tensor *d_out,
+                                           const struct da_tensor *dq,
+                                           const struct da_tensor *dk,
+                                           const struct da_tensor *dv,
+                                           void *workspace,
+                                           size_t workspace_size,
+                                           void *stream);
+
 // The message of the last failed call on the calling thread, or "" if the last
 // call succeeded.
 //

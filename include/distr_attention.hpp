@@ -367,6 +367,34 @@ public:
         check(da_cuda_forward(ctx_, config.get(), &q, &k, &v, &out, lse, lse_len, plan_out, plan_len, stream));
     }
 
+    // The workspace (bytes) of attention_backward for `config` and the shapes
+    // of `q` and `d_out` (their data pointers are not read).
+    static std::size_t backward_workspace_size(const Config &config, const da_tensor &q, const da_tensor &d_out) {
+        std::size_t size = 0;
+        check(da_cuda_backward_workspace_size(config.get(), &q, &d_out, &size));
+        return size;
+    }
+
+    // dQ, dK, dV on the forward's plan (nullptr when every head has G = 1),
+    // output `o` and `lse`. `workspace` may be nullptr: the library then
+    // allocates it in stream order on `stream`.
+    void attention_backward(const Config &config, const std::uint16_t *plan, std::size_t plan_len,
+                            const da_tensor &q, const da_tensor &k, const da_tensor &v, const da_tensor &o,
+                            const float *lse, std::size_t lse_len, const da_tensor &d_out, const da_tensor &dq,
+                            const da_tensor &dk, const da_tensor &dv, void *stream, void *workspace = nullptr,
+                            std::size_t workspace_size = 0) {
+        check(da_cuda_attention_backward(ctx_, config.get(), plan, plan_len, &q, &k, &v, &o, lse, lse_len, &d_out,
+                                         &dq, &dk, &dv, workspace, workspace_size, stream));
+    }
+
+    void exact_attention_backward(const Config &config, const da_tensor &q, const da_tensor &k, const da_tensor &v,
+                                  const da_tensor &o, const float *lse, std::size_t lse_len, const da_tensor &d_out,
+                                  const da_tensor &dq, const da_tensor &dk, const da_tensor &dv, void *stream,
+                                  void *workspace = nullptr, std::size_t workspace_size = 0) {
+        check(da_cuda_exact_attention_backward(ctx_, config.get(), &q, &k, &v, &o, lse, lse_len, &d_out, &dq, &dk,
+                                               &dv, workspace, workspace_size, stream));
+    }
+
 private:
     da_cuda_context *ctx_ = nullptr;
 };

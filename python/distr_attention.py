@@ -29,7 +29,7 @@ planner) and :func:`load_group_sizes` / :func:`config_from_table` (the JSON
 table of ``examples/plan_heads.rs``).
 
 PyTorch (imported only when used, never required): :class:`DistrAttentionFunction`
-is a ``torch.autograd.Function`` over CPU tensors, :func:`distr_attention` applies
+is a ``torch.autograd.Function`` over CPU and CUDA tensors, :func:`distr_attention` applies
 it, and :func:`hf_attention` is an attention function for Hugging Face
 ``transformers`` models, registered as ``attn_implementation="distr_attention"``
 by :func:`register_transformers` (automatically at import when ``transformers``
@@ -49,8 +49,11 @@ contiguous), when the library was built with the CUDA entry points
 which queue the kernels on that stream and return; results are torch tensors
 on the same device, the output in ``q``'s dtype unless ``out_dtype`` (or
 ``out``) says float32. A :class:`CudaContext` per thread and device is made
-on first use. :class:`DistrAttentionFunction` (and so :func:`hf_attention`)
-runs its forward on CUDA tensors; their backward is not available yet.
+on first use. :func:`attention_backward` and :func:`exact_attention_backward`
+take CUDA tensors too (``da_cuda_attention_backward``, with a workspace from
+PyTorch's allocator), and so :class:`DistrAttentionFunction` and
+:func:`hf_attention` train on the GPU: the forward keeps the plan, the
+float32 output and the log-sum-exp, the backward runs on the current stream.
 """
 
 from __future__ import annotations
@@ -255,6 +258,20 @@ _SIGNATURES = {
         _STATUS,
         [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P, _SIZE, _P],
     ),
+    "da_cuda_backward_workspace_size": (
+        _STATUS,
+        [ctypes.POINTER(_Config), ctypes.POINTER(_Tensor), ctypes.POINTER(_Tensor), ctypes.POINTER(_SIZE)],
+    ),
+    "da_cuda_attention_backward": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config), _P, _SIZE] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE]
+        + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P],
+    ),
+    "da_cuda_exact_attention_backward": (
+        _STATUS,
+        [_P, ctypes.POINTER(_Config)] + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE]
+        + [ctypes.POINTER(_Tensor)] * 4 + [_P, _SIZE, _P],
+    ),
 }
 
 _lib = None
@@ -420,9 +437,9 @@ def _is_cuda(x) -> bool:
 
 def _host_only(x, name: str) -> None:
     """Refuses tensors that are not in host memory where a CPU entry point
-    needs them (the CUDA entry points cover plans, attention and the forward
-    pass, not the backward pass, the estimates or the planner): an error, not
-    a silent copy."""
+    needs them (the CUDA entry points cover plans, attention, the forward and
+    the backward pass, not the estimates or the planner): an error, not a
+    silent copy."""
     device = getattr(x, "device", None)
     if device is not None and getattr(device, "type", "cpu") != "cpu":
         raise NotImplementedError(
@@ -684,6 +701,60 @@ def _cuda_attend(kind: str, q, k, v, config: Config, plan=None, out=None, out_dt
     return result if len(result) > 1 else out
 
 
+def _all_exact(config: Config, q_heads: int) -> bool:
+    """Whether every query head has G = 1 (no plan needed)."""
+    sizes = config.group_sizes if config.group_sizes is not None else [config.group_size] * q_heads
+    return all(g == 1 for g in sizes)
+
+
+def _aligned(x):
+    """``x``, or a dense copy where it is not contiguous or not 16-byte aligned
+    (the kernels read an output gradient of the inputs' type as an mma operand)."""
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return x.clone(memory_format=_torch().contiguous_format)
+    return x
+
+
+def _cuda_backward(exact: bool, q, k, v, out, lse, d_out, plan, config: Config, dq=None, dk=None, dv=None,
+                   grad_dtype=None, context=None):
+    """``da_cuda_attention_backward`` (on ``plan``; None when every head has G = 1)
+    or, with ``exact``, ``da_cuda_exact_attention_backward``, on the current
+    stream, with a workspace from PyTorch's caching allocator (stream-ordered,
+    like any temporary of a torch op). Returns ``(dq, dk, dv)`` in
+    ``grad_dtype`` (None: ``q``'s dtype)."""
+    torch = _torch()
+    device = q.device
+    gd = grad_dtype or q.dtype
+    dq = torch.empty(q.shape, dtype=gd, device=device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=gd, device=device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=gd, device=device) if dv is None else dv
+    names = ("q", "k", "v", "out", "d_out", "dq", "dk", "dv")
+    tensors = _cuda_descs(list(zip((q, k, v, out, d_out, dq, dk, dv), names)), device)
+    if not (_is_cuda(lse) and lse.device == device and lse.dtype == torch.float32 and lse.is_contiguous()):
+        raise ValueError(f"lse: expected a contiguous float32 CUDA tensor on {device} (the forward's)")
+    lib = library()
+    c, _keep = config._c()
+    # The exact backward needs the (smaller) workspace of G = 1.
+    cq, _keep_q = (dataclasses.replace(config, group_size=1, group_sizes=None) if exact else config)._c()
+    size = _SIZE()
+    _check(lib.da_cuda_backward_workspace_size(ctypes.byref(cq), ctypes.byref(tensors[0]), ctypes.byref(tensors[4]),
+                                               ctypes.byref(size)))
+    handle = _cuda_context(context, device)
+    workspace = torch.empty((size.value + 3) // 4, dtype=torch.float32, device=device)
+    stream = _stream(torch, device)
+    lse_args = (lse.data_ptr(), lse.numel())
+    ws_args = (workspace.data_ptr(), workspace.numel() * 4)
+    if exact:
+        _check(lib.da_cuda_exact_attention_backward(handle, ctypes.byref(c), *_refs(tensors[:4]), *lse_args,
+                                                    *_refs(tensors[4:]), *ws_args, stream))
+    else:
+        p = None if plan is None else _device_plan(torch, plan, device)
+        plan_args = (p.data_ptr(), p.numel()) if p is not None else (None, 0)
+        _check(lib.da_cuda_attention_backward(handle, ctypes.byref(c), *plan_args, *_refs(tensors[:4]), *lse_args,
+                                              *_refs(tensors[4:]), *ws_args, stream))
+    return dq, dk, dv
+
+
 # --- the API -----------------------------------------------------------------
 
 
@@ -823,7 +894,7 @@ def _backward_args(np, q, k, v, out, lse, d_out, dq, dk, dv):
 
 
 def attention_backward(q, k, v, out, lse, d_out, plan, config: Optional[Config] = None, dq=None, dk=None, dv=None,
-                       context: Optional[Context] = None):
+                       context: Optional[Context] = None, grad_dtype=None):
     """Gradients of DistrAttention on ``plan`` with respect to ``q``, ``k``, ``v``.
 
     ``out``, ``lse`` and ``plan`` are the forward's (``forward(...,
@@ -831,7 +902,17 @@ def attention_backward(q, k, v, out, lse, d_out, plan, config: Optional[Config] 
     with respect to ``out`` (float32, shaped like it); the config is the
     forward's. Returns float32 ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``
     (written into ``dq``, ``dk``, ``dv`` if given). The plan carries no gradient.
+
+    On CUDA tensors (``da_cuda_attention_backward``, on the current stream):
+    ``out`` and ``d_out`` float32 or ``q``'s dtype (keep ``out`` in float32
+    for training: ``forward(..., out_dtype=torch.float32)``), ``lse`` the
+    forward's float32 tensor, ``plan`` a tensor or array (None when every head
+    has G = 1); the gradients in ``grad_dtype`` (torch.float32, or None for
+    ``q``'s dtype) on the inputs' device. ``context`` a :class:`CudaContext`.
     """
+    if _is_cuda(q):
+        return _cuda_backward(False, q, k, v, out, lse, d_out, plan, config or Config(), dq, dk, dv, grad_dtype,
+                              context)
     np = _np()
     c, _keep = (config or Config())._c()
     plan = np.ascontiguousarray(plan, dtype=np.uint16)
@@ -842,8 +923,12 @@ def attention_backward(q, k, v, out, lse, d_out, plan, config: Optional[Config] 
 
 
 def exact_attention_backward(q, k, v, out, lse, d_out, config: Optional[Config] = None, dq=None, dk=None, dv=None,
-                             context: Optional[Context] = None):
-    """Gradients of exact attention (``out`` and ``lse`` from :func:`exact_attention`)."""
+                             context: Optional[Context] = None, grad_dtype=None):
+    """Gradients of exact attention (``out`` and ``lse`` from :func:`exact_attention`).
+    CUDA tensors as for :func:`attention_backward`."""
+    if _is_cuda(q):
+        return _cuda_backward(True, q, k, v, out, lse, d_out, None, config or Config(), dq, dk, dv, grad_dtype,
+                              context)
     np = _np()
     c, _keep = (config or Config())._c()
     tensors, lse, descs, grads = _backward_args(np, q, k, v, out, lse, d_out, dq, dk, dv)
@@ -991,16 +1076,39 @@ def _function_class():
         with ``[batch, seq, heads, head_dim]`` tensors (GQA: fewer KV heads),
         returning the output in ``q``'s dtype. The forward computes the plan
         (any grouping mode) and the log-sum-exp; the backward uses both (the
-        plan carries no gradient). CPU tensors are computed in float32; CUDA
-        tensors (f16/bf16) run the GPU forward, and have no backward yet."""
+        plan carries no gradient). CPU tensors are computed in float32.
+
+        CUDA tensors (float16 or bfloat16; float32 raises TypeError, the GPU
+        kernels have none) run on the current stream: when a gradient is
+        needed the forward writes a float32 output (returned rounded to
+        ``q``'s dtype), keeps it with the log-sum-exp and the GPU plan (LSH
+        grouping only), and the backward runs ``da_cuda_attention_backward``
+        on them; gradients come back in the inputs' dtype."""
 
         @staticmethod
         def forward(ctx, q, k, v, config=None):
             config = config or Config()
             ctx.cuda = _is_cuda(q)
             if ctx.cuda:
-                # The GPU forward, in q's dtype; no backward yet (see backward).
-                return forward(q.detach(), k.detach(), v.detach(), config)
+                if q.dtype not in (torch.float16, torch.bfloat16):
+                    raise TypeError(
+                        f"distr_attention: CUDA tensors must be float16 or bfloat16, got {q.dtype} (the GPU kernels "
+                        "have no float32 path): cast them, e.g. under torch.autocast, or use CPU tensors")
+                if not any(ctx.needs_input_grad[:3]):
+                    return forward(q.detach(), k.detach(), v.detach(), config)
+                # Training: keep O in float32 (Delta = rowsum(dO * O) in the
+                # backward inherits O's rounding), the lse and the plan.
+                exact = _all_exact(config, q.shape[2])
+                result = forward(q.detach(), k.detach(), v.detach(), config, return_lse=True, return_plan=not exact,
+                                 out_dtype=torch.float32)
+                out, lse = result[0], result[1]
+                plan = None if exact else result[2]
+                ctx.save_for_backward(q, k, v, out, lse, plan)
+                ctx.config = config
+                # Mixed group sizes sum dK, dV over launches: in float32, then rounded once.
+                mixed = config.group_sizes is not None and len(set(config.group_sizes)) > 1
+                ctx.grad_dtype = torch.float32 if mixed else None
+                return out.to(q.dtype)
             for x, name in ((q, "q"), (k, "k"), (v, "v")):
                 _host_only(x, name)
             q32, k32, v32 = (x.detach().to(torch.float32).contiguous() for x in (q, k, v))
@@ -1025,9 +1133,10 @@ def _function_class():
         @staticmethod
         def backward(ctx, d_out):
             if ctx.cuda:
-                raise NotImplementedError(
-                    "distr_attention: the backward pass of CUDA tensors is not in this library version; "
-                    "use CPU tensors for training")
+                q, k, v, out, lse, plan = ctx.saved_tensors
+                grads = _cuda_backward(plan is None, q.detach(), k.detach(), v.detach(), out, lse,
+                                       _aligned(d_out.detach()), plan, ctx.config, grad_dtype=ctx.grad_dtype)
+                return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v))) + (None,)
             q32, k32, v32, out, lse = ctx.saved_tensors
             _host_only(d_out, "d_out")
             g = d_out.detach().to(torch.float32).contiguous()
@@ -1055,7 +1164,7 @@ def __getattr__(name):
 
 def distr_attention(q, k, v, config: Optional[Config] = None):
     """Differentiable DistrAttention on torch tensors ``[batch, seq, heads,
-    head_dim]`` (CPU; CUDA for the forward pass): :class:`DistrAttentionFunction` applied."""
+    head_dim]`` (CPU, or CUDA in float16/bfloat16): :class:`DistrAttentionFunction` applied."""
     return _function_class().apply(q, k, v, config)
 
 

@@ -471,7 +471,7 @@ def plan_numpy(p):
 
 
 def relative_error(got, want):
-    got, want = got.double(), want.double()
+    got, want = got.detach().double(), want.detach().double()
     return float((got - want).norm() / want.norm())
 
 
@@ -613,11 +613,17 @@ class Cuda(unittest.TestCase):
 
     def test_autograd_function_runs_the_gpu_forward(self):
         cfg = da.Config(group_size=2, causal=True)
+        # Without gradients: the forward in the inputs' dtype.
+        with torch.no_grad():
+            out = da.distr_attention(self.q, self.k, self.v, cfg)
+        torch.testing.assert_close(out, da.forward(self.q, self.k, self.v, cfg), rtol=0, atol=0)
+        # With gradients: the float32 forward (kept for the backward), rounded.
         xs = [x.clone().requires_grad_() for x in (self.q, self.k, self.v)]
         out = da.distr_attention(*xs, cfg)
-        torch.testing.assert_close(out, da.forward(self.q, self.k, self.v, cfg), rtol=0, atol=0)
-        with self.assertRaises(NotImplementedError):
-            out.float().sum().backward()
+        want = da.forward(self.q, self.k, self.v, cfg, out_dtype=torch.float32).bfloat16()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        out.float().sum().backward()
+        self.assertTrue(all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in xs))
 
     def test_expandable_segments_allocator(self):
         # PyTorch's expandable segments map memory with the virtual memory
@@ -632,6 +638,158 @@ class Cuda(unittest.TestCase):
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertIn("ok True", run.stdout)
+
+
+def plain_distr(q, k, v, plan, group, block_rows, causal):
+    """DistrAttention on a fixed plan (uniform G, mean fusion, default scale)
+    in plain differentiable torch, float64: per query block, Q's columns
+    permuted by the block's plan and averaged in groups of G, K's columns
+    permuted the same way and summed; softmax and P V exact."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, n, hq, d = q.shape
+    m, hk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hk, dim=2)
+    v = v.repeat_interleave(hq // hk, dim=2)
+    idx = torch.from_numpy(plan_numpy(plan).astype(np.int64)).to(q.device)  # [b, hq, blocks, d]
+    nb, t = idx.shape[2], d // group
+    qb = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, nb * block_rows - n))
+    qb = qb.view(b, nb, block_rows, hq, d).permute(0, 3, 1, 2, 4)
+    qhat = qb.gather(4, idx[:, :, :, None, :].expand(b, hq, nb, block_rows, d))
+    qhat = qhat.view(b, hq, nb, block_rows, t, group).mean(-1)
+    kb = k.permute(0, 2, 1, 3)[:, :, None].expand(b, hq, nb, m, d)
+    khat = kb.gather(4, idx[:, :, :, None, :].expand(b, hq, nb, m, d)).view(b, hq, nb, m, t, group).sum(-1)
+    s = torch.einsum("bhcit,bhcjt->bhcij", qhat, khat).reshape(b, hq, nb * block_rows, m)[:, :, :n]
+    s = s / math.sqrt(d)
+    if causal:
+        rows = torch.arange(n, device=q.device)[:, None]
+        s = s.masked_fill(torch.arange(m, device=q.device)[None, :] > rows + (m - n), float("-inf"))
+    return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1).nan_to_num(), v)
+
+
+@needs_cuda
+class CudaBackward(unittest.TestCase):
+    """The GPU backward (da_cuda_attention_backward) from Python: against the
+    CPU backward on the same plan and inputs, and against torch autograd of
+    :func:`plain_distr` (float64) on the GPU's plan. Tolerances, relative
+    Frobenius error of each gradient: 3e-2 for bf16 inputs, 1e-2 for f16
+    (the GPU rounds Q-hat, K-hat, P and dS to the input type as tensor-core
+    operands; the CPU and the float64 reference do not)."""
+
+    TOL = None
+
+    def setUp(self):
+        if not da.cuda_built():
+            self.skipTest("the library was built without the CUDA entry points")
+        self.gen = torch.Generator(device="cuda").manual_seed(1)
+        self.TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+    def randn(self, *shape):
+        return torch.randn(*shape, device="cuda", generator=self.gen)
+
+    def test_backward_matches_the_cpu_on_the_same_plan(self):
+        # 200 queries over 180 keys (the first 20 rows see no key when causal), GQA 6:2.
+        base = self.randn(2, 200, 6, 64), self.randn(2, 180, 2, 64), self.randn(2, 180, 2, 64)
+        for dtype, tol in self.TOL.items():
+            q, k, v = (x.to(dtype) for x in base)
+            for causal, g, rows in ((True, 2, 64), (False, 4, 128), (True, 8, 64), (True, 1, 64)):
+                cfg = da.Config(group_size=g, causal=causal, block_rows=rows)
+                out, lse, p = da.forward(q, k, v, cfg, return_lse=True, return_plan=True, out_dtype=torch.float32)
+                d_out = self.randn(*out.shape).to(dtype)
+                got = da.attention_backward(q, k, v, out, lse, d_out, p, cfg, grad_dtype=torch.float32)
+                plan = plan_numpy(p)
+                out_c, lse_c = da.attention(q.cpu(), k.cpu(), v.cpu(), plan, cfg, return_lse=True)
+                want = da.attention_backward(q.cpu(), k.cpu(), v.cpu(), out_c, lse_c, d_out.float().cpu(), plan, cfg)
+                for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                    self.assertEqual((a.device.type, a.dtype, tuple(a.shape)), ("cuda", torch.float32, b.shape))
+                    err = relative_error(a.cpu(), torch.from_numpy(b))
+                    self.assertLess(err, tol, f"{name} {dtype} causal={causal} G={g}: {err:.2e}")
+            # Exact attention's backward, gradients in the inputs' dtype, an f32 d_out.
+            cfg = da.Config(group_size=1, causal=True)
+            out, lse = da.exact_attention(q, k, v, cfg, return_lse=True, out_dtype=torch.float32)
+            d_out = self.randn(*out.shape)
+            got = da.exact_attention_backward(q, k, v, out, lse, d_out, cfg)
+            out_c, lse_c = da.exact_attention(q.cpu(), k.cpu(), v.cpu(), cfg, return_lse=True)
+            want = da.exact_attention_backward(q.cpu(), k.cpu(), v.cpu(), out_c, lse_c, d_out.cpu(), cfg)
+            for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                self.assertEqual(a.dtype, dtype)
+                err = relative_error(a.cpu(), torch.from_numpy(b))
+                self.assertLess(err, tol, f"exact {name} {dtype}: {err:.2e}")
+
+    def test_autograd_matches_plain_torch(self):
+        # SmolLM2-135M's attention shape: 9 query heads over 3 KV heads, head_dim 64, causal.
+        base = self.randn(2, 160, 9, 64), self.randn(2, 160, 3, 64), self.randn(2, 160, 3, 64)
+        for dtype, tol in self.TOL.items():
+            for g in (2, 4, 1):
+                cfg = da.Config(group_size=g, causal=True)
+                xs = [x.to(dtype).requires_grad_() for x in base]
+                out = da.distr_attention(*xs, cfg)
+                self.assertEqual(out.dtype, dtype)
+                ys = [x.detach().double().requires_grad_() for x in xs]
+                # The forward's plan: the GPU plan of Q is deterministic.
+                want = plain_distr(*ys, da.plan(xs[0].detach(), cfg), g, cfg.block_rows, True)
+                self.assertLess(relative_error(out, want), tol)
+                w = self.randn(*out.shape).to(dtype)
+                (out.float() * w.float()).sum().backward()
+                (want * w.double()).sum().backward()
+                for name, a, b in zip(("dq", "dk", "dv"), xs, ys):
+                    self.assertEqual(a.grad.dtype, dtype)
+                    err = relative_error(a.grad, b.grad)
+                    self.assertLess(err, tol, f"{name} {dtype} G={g}: {err:.2e}")
+
+    def test_views_side_stream_and_per_head_group_sizes(self):
+        cfg = da.Config(group_size=2, causal=True)
+        q, k, v = self.randn(2, 130, 6, 64), self.randn(2, 130, 2, 64), self.randn(2, 130, 2, 64)
+        packed = torch.cat([q, k, v], dim=2).bfloat16().requires_grad_()
+        xs = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+        w = self.randn(2, 130, 6, 64).bfloat16()
+        (da.distr_attention(*xs, cfg) * w).sum().backward()
+        # Q, K and V as views of one packed leaf (strided), forward and backward on a side stream.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            views = packed[:, :, :6], packed[:, :, 6:8], packed[:, :, 8:]
+            (da.distr_attention(*views, cfg) * w).sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        dq, dk, dv = packed.grad[:, :, :6], packed.grad[:, :, 6:8], packed.grad[:, :, 8:]
+        # dK and dV are deterministic; dQ sums atomics in a varying order.
+        torch.testing.assert_close(dk, xs[1].grad, rtol=0, atol=0)
+        torch.testing.assert_close(dv, xs[2].grad, rtol=0, atol=0)
+        self.assertLess(relative_error(dq, xs[0].grad), 1e-2)
+        # Per-head group sizes (mixed, G = 1 included) against the CPU backward on the same plan.
+        cfg = da.Config(group_sizes=[1, 2, 4, 2, 8, 1], causal=True)
+        ys = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+        (da.distr_attention(*ys, cfg) * w).sum().backward()
+        p = plan_numpy(da.plan(ys[0].detach(), cfg))
+        host = [y.detach().cpu() for y in ys]
+        out_c, lse_c = da.attention(*host, p, cfg, return_lse=True)
+        want = da.attention_backward(*host, out_c, lse_c, w.float().cpu(), p, cfg)
+        for name, y, b in zip(("dq", "dk", "dv"), ys, want):
+            err = relative_error(y.grad.cpu(), torch.from_numpy(b))
+            self.assertLess(err, 3e-2, f"per-head {name}: {err:.2e}")
+
+    def test_backward_errors(self):
+        q, k, v = (x.bfloat16() for x in (self.randn(1, 64, 2, 64), self.randn(1, 64, 1, 64), self.randn(1, 64, 1, 64)))
+        cfg = da.Config(group_size=2)
+        with self.assertRaises(TypeError) as e:
+            da.distr_attention(*(x.float().requires_grad_() for x in (q, k, v)), cfg)
+        self.assertIn("float16 or bfloat16", str(e.exception))
+        out, lse, p = da.forward(q, k, v, cfg, return_lse=True, return_plan=True, out_dtype=torch.float32)
+        d_out = torch.ones_like(out)
+        with self.assertRaises(ValueError):
+            da.attention_backward(q, k, v, out, lse.cpu(), d_out, p, cfg)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(q, k, v, out, lse, d_out.half(), p, cfg)
+        self.assertEqual(e.exception.status, da.Status.UNSUPPORTED)
+        self.assertIn("d_out", e.exception.message)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(q, k, v, out, lse, d_out, None, cfg)
+        self.assertEqual(e.exception.status, da.Status.NULL_POINTER)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(q, k, v, out, lse, d_out, p, cfg, dq=q)
+        self.assertEqual(e.exception.status, da.Status.OVERLAPPING_BUFFERS)
+        with self.assertRaises(da.DistrAttentionError) as e:
+            da.attention_backward(q, k, v, out, lse[:, :, :10].contiguous(), d_out, p, cfg)
+        self.assertEqual(e.exception.status, da.Status.BUFFER_TOO_SMALL)
 
 
 class WithoutCudaEntryPoints(unittest.TestCase):
@@ -679,6 +837,44 @@ class Transformers(unittest.TestCase):
         mask[0, :3] = 0
         with self.assertRaises(ValueError):
             ours(ids, attention_mask=mask)
+
+    def test_cuda_training_steps(self):
+        if not torch.cuda.is_available() or not da.cuda_built():
+            self.skipTest("no CUDA device or a library without the CUDA entry points")
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        # SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head_dim 64), two small layers, bf16.
+        def model(implementation):
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
+            cfg._attn_implementation = implementation
+            return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
+
+        name = da.register_transformers(da.Config(group_size=1))
+        ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(2)).cuda()
+        ref, ours = model("sdpa"), model(name)
+        ours.load_state_dict(ref.state_dict())
+        # G = 1: SDPA's loss and gradients up to bf16 rounding.
+        losses = [m(ids, labels=ids).loss for m in (ref, ours)]
+        for loss in losses:
+            loss.backward()
+        self.assertAlmostEqual(losses[0].item(), losses[1].item(), delta=1e-2)
+        for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+            self.assertLess(relative_error(b.grad, a.grad), 5e-2, n)
+        # G = 2: a few AdamW steps on one batch lower its loss; every gradient finite.
+        da.register_transformers(da.Config(group_size=2, block_rows=128))
+        ours.zero_grad()
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+        history = []
+        for _ in range(5):
+            loss = ours(ids, labels=ids).loss
+            loss.backward()
+            self.assertTrue(all(torch.isfinite(p.grad).all() for p in ours.parameters()))
+            opt.step()
+            opt.zero_grad()
+            history.append(loss.item())
+        self.assertLess(history[-1], history[0] - 0.1, history)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-//! The CUDA entry points: plan, attention on a plan, exact attention and the
-//! one-shot forward pass on device memory, launched on the caller's stream,
-//! through the CUDA backend (`distr-attention-cuda`).
+//! The CUDA entry points: plan, attention on a plan, exact attention, the
+//! one-shot forward pass and the backward passes on device memory, launched
+//! on the caller's stream, through the CUDA backend (`distr-attention-cuda`).
 //!
 //! The functions exist in every build, so that there is one header and one
 //! symbol list: a library built without the `cuda` feature answers every
@@ -60,6 +60,24 @@ pub(crate) enum Mode {
     Exact,
     /// `da_cuda_forward`: NULL, or a buffer that receives the plan.
     Forward(*mut u16, usize),
+}
+
+/// The arguments of a `da_cuda_*_backward` call.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the stub reads no argument
+pub(crate) struct Backward {
+    /// `da_cuda_attention_backward`'s plan and its length (the pointer may be
+    /// NULL when every head has G = 1); `None` for the exact backward.
+    pub(crate) plan: Option<(*const u16, usize)>,
+    /// Q, K, V, the forward's output O and the output gradient dO.
+    pub(crate) inputs: [*const da_tensor; 5],
+    pub(crate) lse: *const f32,
+    pub(crate) lse_len: usize,
+    /// dQ, dK, dV.
+    pub(crate) grads: [*const da_tensor; 3],
+    /// The caller's workspace (NULL: stream-ordered) and its size in bytes.
+    pub(crate) workspace: *mut c_void,
+    pub(crate) workspace_size: usize,
 }
 
 /// 1 when this library was built with the CUDA entry points (cargo feature
@@ -257,4 +275,146 @@ pub unsafe extern "C" fn da_cuda_forward(
     boundary(|| unsafe {
         imp::call(ctx, config, Mode::Forward(plan_out, plan_len), [q, k, v, out], lse, lse_len, stream)
     })
+}
+
+/// The workspace size in bytes that `da_cuda_attention_backward` needs for
+/// `config` and the shapes of `q` and `d_out` (only their shapes and dtypes
+/// are read: the data pointers are ignored and may be NULL), stored in
+/// `*size`. Pure arithmetic: no handle, no CUDA call, callable before any
+/// allocation (like cuDNN's workspace queries). With `R = batch * q_heads *
+/// q_len` rows and `d = head_dim` it is about `4 * R * (d + 1)` bytes (f32
+/// dQ̂ accumulators and row sums), plus `4 * R * d` when some head has G > 1
+/// (Q̂ and Q̃ in the inputs' type), plus `2 * R * d` when `d_out` is f32 (its
+/// copy in the inputs' type).
+///
+/// For `da_cuda_exact_attention_backward` query with a config whose group
+/// sizes are all 1 (`group_size = 1`): its workspace is smaller; any larger
+/// workspace works as well.
+///
+/// # Safety
+/// `config`, `q` and `d_out` NULL or readable host structs (the config's
+/// `group_sizes` too); `size` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn da_cuda_backward_workspace_size(
+    config: *const da_config,
+    q: *const da_tensor,
+    d_out: *const da_tensor,
+    size: *mut usize,
+) -> da_status {
+    // SAFETY: forwarded contract.
+    boundary(|| unsafe { imp::workspace_size(config, q, d_out, size) })
+}
+
+/// Gradients of DistrAttention on a plan with respect to Q, K and V on the
+/// GPU (`dQ`, `dK`, `dV`), asynchronously on `stream`: the function of the
+/// CPU's `da_attention_backward`, with f16/bf16 inputs and f32 accumulation
+/// (no `q_len x kv_len` buffer; P is recomputed from Q̂, K̂ and the LSE).
+///
+/// * `q`, `k`, `v`, `config`, `plan`: those of the forward pass
+///   (`da_cuda_forward`'s `plan_out` or `da_cuda_plan`; a CPU plan uploaded
+///   works too), with the requirements of `da_cuda_attention`. `plan` may be
+///   NULL when every head has G = 1.
+/// * `o`: the forward's output (`[batch, q_len, q_heads, head_dim]`, f32 or
+///   the inputs' type); `lse`: its log-sum-exp (`lse_len >= batch * q_heads *
+///   q_len` floats, dense `[batch, q_heads, q_len]`, as `da_cuda_forward`
+///   writes it; not NULL). Both from the forward on the same inputs and plan.
+///   Keep O in f32 for training: `Delta = rowsum(dO * O)` inherits O's
+///   rounding, and with a bf16 O the error of dQ can be large on peaked rows.
+/// * `d_out`: the gradient of the loss with respect to O, shaped like it,
+///   f32 or the inputs' type.
+/// * `dq`, `dk`, `dv`: shaped like Q, K and V, f32 or the inputs' type (each
+///   its own choice), elements not sharing memory; overwritten. dQ sums f32
+///   atomic adds in a varying order, so it is not bit-reproducible between
+///   runs (as in FlashAttention-2); dK and dV are.
+/// * `workspace`: `workspace_size` bytes of device memory, at least what
+///   `da_cuda_backward_workspace_size` says, 16-byte aligned, contents
+///   irrelevant; used only until the queued kernels finish, so a caller may
+///   reuse it for the next call on the same stream. NULL: the library
+///   allocates it on `stream` with `cuMemAllocAsync` and frees it after the
+///   kernels with `cuMemFreeAsync` (the device's default memory pool).
+///   Engines with their own allocator pass theirs; the handle caches nothing.
+/// * `stream`: as for `da_cuda_plan` (NULL: the legacy default stream).
+///
+/// Alignment as for `da_cuda_attention`: Q, K, V and a `d_out` of the inputs'
+/// type 16-byte aligned with strides multiples of 8 elements; O, an f32
+/// `d_out` and the gradients aligned to two elements with even strides; LSE
+/// and the plan 4-byte aligned. The buffers written (`dq`, `dk`, `dv` and the
+/// workspace) must not overlap each other nor any input; inputs may overlap.
+/// Every argument is checked before the first launch (including that each
+/// pointer is memory CUDA knows on the handle's device, with its extent
+/// inside its allocation); a failed check launches nothing. Asynchrony as for
+/// `da_cuda_plan`.
+///
+/// # Safety
+/// As for `da_cuda_attention`, for every pointer of the call.
+#[no_mangle]
+pub unsafe extern "C" fn da_cuda_attention_backward(
+    ctx: *mut da_cuda_context,
+    config: *const da_config,
+    plan: *const u16,
+    plan_len: usize,
+    q: *const da_tensor,
+    k: *const da_tensor,
+    v: *const da_tensor,
+    o: *const da_tensor,
+    lse: *const f32,
+    lse_len: usize,
+    d_out: *const da_tensor,
+    dq: *const da_tensor,
+    dk: *const da_tensor,
+    dv: *const da_tensor,
+    workspace: *mut c_void,
+    workspace_size: usize,
+    stream: *mut c_void,
+) -> da_status {
+    let args = Backward {
+        plan: Some((plan, plan_len)),
+        inputs: [q, k, v, o, d_out],
+        lse,
+        lse_len,
+        grads: [dq, dk, dv],
+        workspace,
+        workspace_size,
+    };
+    // SAFETY: forwarded contract.
+    boundary(|| unsafe { imp::backward(ctx, config, &args, stream) })
+}
+
+/// Gradients of exact attention (every head G = 1, no plan) on the GPU: the
+/// arguments and contract of `da_cuda_attention_backward` without the plan;
+/// `o` and `lse` from `da_cuda_exact_attention` (or a forward with G = 1).
+/// The config is validated as by `da_cuda_exact_attention`; its group sizes
+/// and `block_rows` do not change the result.
+///
+/// # Safety
+/// As for `da_cuda_attention_backward`.
+#[no_mangle]
+pub unsafe extern "C" fn da_cuda_exact_attention_backward(
+    ctx: *mut da_cuda_context,
+    config: *const da_config,
+    q: *const da_tensor,
+    k: *const da_tensor,
+    v: *const da_tensor,
+    o: *const da_tensor,
+    lse: *const f32,
+    lse_len: usize,
+    d_out: *const da_tensor,
+    dq: *const da_tensor,
+    dk: *const da_tensor,
+    dv: *const da_tensor,
+    workspace: *mut c_void,
+    workspace_size: usize,
+    stream: *mut c_void,
+) -> da_status {
+    let args = Backward {
+        plan: None,
+        inputs: [q, k, v, o, d_out],
+        lse,
+        lse_len,
+        grads: [dq, dk, dv],
+        workspace,
+        workspace_size,
+    };
+    // SAFETY: forwarded contract.
+    boundary(|| unsafe { imp::backward(ctx, config, &args, stream) })
 }

@@ -21,7 +21,8 @@
 //!   output on finite f32 inputs lies within the range of V (and 0);
 //! * a successful table lookup or planner call returns group sizes of at least 1.
 //!
-//! The CUDA entry points (kind 14) are called with a NULL handle (no GPU is
+//! The CUDA entry points (kind 14: plan, attention, exact attention, forward
+//! and the two backward passes) are called with a NULL handle (no GPU is
 //! needed): `DA_STATUS_NULL_POINTER` with the `cuda` feature,
 //! `DA_STATUS_CUDA_UNAVAILABLE` without. With the feature, their argument
 //! checks are then run on their own, on descriptors over a fake device heap
@@ -378,11 +379,12 @@ fn run_cuda(inp: &mut Input<'_>) -> da_status {
         _ => {}
     }
 
-    // Slots of a fake device heap: q, k, v, out, lse, plan.
+    // Slots of a fake device heap: q, k, v, out, lse, plan, and the
+    // backward's d_out, dq, dk, dv, workspace.
     const HEAP: usize = 0x4000_0000_0000;
     const SPAN: usize = 1 << 32;
     let address = |inp: &mut Input<'_>, slot: usize| -> usize {
-        let slot = if inp.one_in(12) { inp.below(6) } else { slot };
+        let slot = if inp.one_in(12) { inp.below(11) } else { slot };
         let offset = 16 * inp.below(64) + [0, 0, 0, 0, 0, 0, 2, 4, 8, 1][inp.below(10)];
         HEAP + slot * SPAN + offset
     };
@@ -421,24 +423,47 @@ fn run_cuda(inp: &mut Input<'_>) -> da_status {
             stride_head: l.stride_head,
         }
     };
-    let q = tensor(inp, 0, [b, n, hq, d], dtype);
-    let k = tensor(inp, 1, [b, m, hk, d], dtype);
-    let v = tensor(inp, 2, [b, m, hk, d], dtype);
-    let out = tensor(inp, 3, [b, n, hq, d], out_dtype);
+    let which = inp.below(6);
+    let mut t = [
+        tensor(inp, 0, [b, n, hq, d], dtype),
+        tensor(inp, 1, [b, m, hk, d], dtype),
+        tensor(inp, 2, [b, m, hk, d], dtype),
+        tensor(inp, 3, [b, n, hq, d], out_dtype),
+    ];
+    // The backward's output gradient and gradients.
+    let d_out_dtype = [dtype, dtype, 0][inp.below(3)];
+    let grad_dtype = [0, dtype, dtype][inp.below(3)];
+    let mut g = [
+        tensor(inp, 6, [b, n, hq, d], d_out_dtype),
+        tensor(inp, 7, [b, n, hq, d], grad_dtype),
+        tensor(inp, 8, [b, m, hk, d], grad_dtype),
+        tensor(inp, 9, [b, m, hk, d], grad_dtype),
+    ];
+    // A backward call has eleven pointers that must all be aligned (and
+    // needs the lse): often enough they are (and it has one).
+    let backward = which >= 4;
+    let align_all = backward && !inp.one_in(4);
+    let aligned = |p: usize| if align_all { p & !15 } else { p };
+    for x in t.iter_mut().chain(g.iter_mut()) {
+        x.data = aligned(x.data as usize) as *const c_void;
+    }
     let descs: [*const da_tensor; 4] =
-        [&q, &k, &v, &out].map(|t| if inp.one_in(60) { null() } else { t as *const da_tensor });
+        t.each_ref().map(|x| if inp.one_in(60) { null() } else { x as *const da_tensor });
+    let grads: [*const da_tensor; 4] =
+        g.each_ref().map(|x| if inp.one_in(60) { null() } else { x as *const da_tensor });
     let lse_typical = b * hq * n;
-    let (lse, lse_len) = if inp.one_in(2) {
-        (address(inp, 4) as *mut f32, [lse_typical, lse_typical, lse_typical - 1, 0][inp.below(4)])
+    let (lse, lse_len) = if (backward && !inp.one_in(8)) || inp.one_in(2) {
+        (aligned(address(inp, 4)) as *mut f32, [lse_typical, lse_typical, lse_typical - 1, 0][inp.below(4)])
     } else {
         (null_mut(), inp.below(3))
     };
     let plan_typical = b * hq * n.div_ceil(cfg.block_rows.max(1)) * d;
-    let plan = if inp.one_in(6) { null_mut() } else { address(inp, 5) as *mut u16 };
+    let plan = if inp.one_in(6) { null_mut() } else { aligned(address(inp, 5)) as *mut u16 };
     let plan_len =
         [plan_typical, plan_typical, plan_typical.saturating_sub(1), inp.size(plan_typical)][inp.below(4)];
-    let which = inp.below(4);
     let config_ptr: *const da_config = if inp.one_in(40) { null() } else { &cfg };
+    let workspace = if inp.one_in(3) { null_mut() } else { aligned(address(inp, 10)) as *mut c_void };
+    let workspace_size = inp.size(1 << 30);
 
     // The exported function, without a handle.
     // SAFETY: a NULL handle is rejected before any other argument is read.
@@ -460,8 +485,50 @@ fn run_cuda(inp: &mut Input<'_>) -> da_status {
                 null_mut(),
             ),
             2 => da_cuda_exact_attention(null_mut(), config_ptr, q, k, v, o, lse, lse_len, null_mut()),
-            _ => {
+            3 => {
                 da_cuda_forward(null_mut(), config_ptr, q, k, v, o, lse, lse_len, plan, plan_len, null_mut())
+            }
+            4 => {
+                let [d_out, dq, dk, dv] = grads;
+                da_cuda_attention_backward(
+                    null_mut(),
+                    config_ptr,
+                    plan,
+                    plan_len,
+                    q,
+                    k,
+                    v,
+                    o,
+                    lse,
+                    lse_len,
+                    d_out,
+                    dq,
+                    dk,
+                    dv,
+                    workspace,
+                    workspace_size,
+                    null_mut(),
+                )
+            }
+            _ => {
+                let [d_out, dq, dk, dv] = grads;
+                da_cuda_exact_attention_backward(
+                    null_mut(),
+                    config_ptr,
+                    q,
+                    k,
+                    v,
+                    o,
+                    lse,
+                    lse_len,
+                    d_out,
+                    dq,
+                    dk,
+                    dv,
+                    workspace,
+                    workspace_size,
+                    null_mut(),
+                )
             }
         }
     };
@@ -472,8 +539,22 @@ fn run_cuda(inp: &mut Input<'_>) -> da_status {
     }
     #[cfg(feature = "cuda")]
     {
-        use crate::cuda::{imp, Mode};
+        use crate::cuda::{imp, Backward, Mode};
         assert_eq!(exported, da_status::NullPointer, "{}", message());
+        if which >= 4 {
+            return run_cuda_backward(
+                config_ptr,
+                Backward {
+                    plan: (which == 4).then_some((plan as *const u16, plan_len)),
+                    inputs: [descs[0], descs[1], descs[2], descs[3], grads[0]],
+                    lse,
+                    lse_len,
+                    grads: [grads[1], grads[2], grads[3]],
+                    workspace,
+                    workspace_size,
+                },
+            );
+        }
         let mode = match which {
             0 => Mode::Plan(plan, plan_len),
             1 => Mode::Attention(plan, plan_len),
@@ -506,16 +587,58 @@ fn run_cuda(inp: &mut Input<'_>) -> da_status {
                         && (o.dtype == q.dtype || o.dtype == distr_attention_core::DType::F32)
                 );
             }
-            for (i, a) in buffers.iter().enumerate() {
-                for bb in &buffers[i + 1..] {
-                    if written.contains(a) || written.contains(bb) {
-                        assert!(!a.overlaps(bb), "written buffer overlapped: {a:?} {bb:?}");
-                    }
-                }
-            }
+            assert_disjoint(&buffers, &written);
         }
         status
     }
+}
+
+/// Asserts that no buffer written overlaps another buffer of the call.
+#[cfg(feature = "cuda")]
+fn assert_disjoint(buffers: &[crate::types::ByteRange], written: &[crate::types::ByteRange]) {
+    for (i, a) in buffers.iter().enumerate() {
+        for bb in &buffers[i + 1..] {
+            if written.contains(a) || written.contains(bb) {
+                assert!(!a.overlaps(bb), "written buffer overlapped: {a:?} {bb:?}");
+            }
+        }
+    }
+}
+
+/// The argument checks of a `da_cuda_*_backward` call on their own: a call
+/// that passes them meets the kernels' dtype and alignment rules, has a
+/// workspace (or allocates one), and writes no buffer that overlaps another.
+#[cfg(feature = "cuda")]
+fn run_cuda_backward(config: *const da_config, args: crate::cuda::Backward) -> da_status {
+    use crate::cuda::imp::{self, BackwardWorkspace};
+    use distr_attention_core::DType;
+
+    let mut storage = Vec::new();
+    let mut checked = None;
+    let status = crate::error::boundary(|| {
+        // SAFETY: the config and descriptors are live host structs; the data
+        // pointers are never dereferenced by the checks.
+        let c = unsafe { imp::check_backward_call(config, &args, &mut storage)? };
+        checked = Some((c.q, c.k, c.v, c.fwd, c.grads, c.workspace, c.buffers.clone(), c.written.clone()));
+        Ok(())
+    });
+    assert_ne!(status, da_status::Panic, "panic reached the boundary: {}", message());
+    assert_eq!(status == da_status::Ok, message().is_empty(), "status {status:?}, message {:?}", message());
+    if let Some((q, k, v, fwd, grads, workspace, buffers, written)) = checked {
+        assert!([q, k, v].iter().all(|t| t.ptr.is_multiple_of(16) && t.dtype == q.dtype));
+        assert!(q.dtype != DType::F32);
+        for t in [fwd.o, fwd.d_out, grads.dq, grads.dk, grads.dv] {
+            assert!(t.dtype == DType::F32 || t.dtype == q.dtype);
+            assert!(t.ptr.is_multiple_of(if t.dtype == DType::F32 { 8 } else { 4 }));
+        }
+        if let BackwardWorkspace::Caller(w) = workspace {
+            assert!(
+                w.ptr.is_multiple_of(16) && w.len.checked_mul(4).is_some_and(|n| n <= args.workspace_size)
+            );
+        }
+        assert_disjoint(&buffers, &written);
+    }
+    status
 }
 
 /// Runs one fuzz input and returns the call kind (`0..CALL_KINDS`) and its

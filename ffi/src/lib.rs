@@ -81,8 +81,9 @@ pub use backward::{da_attention_backward, da_exact_attention_backward};
 pub use budget::{da_choose_group_sizes, da_estimate_errors};
 pub use context::{da_context, da_context_free, da_context_new};
 pub use cuda::{
-    da_cuda_attention, da_cuda_built, da_cuda_context, da_cuda_context_create, da_cuda_context_destroy,
-    da_cuda_exact_attention, da_cuda_forward, da_cuda_plan,
+    da_cuda_attention, da_cuda_attention_backward, da_cuda_backward_workspace_size, da_cuda_built,
+    da_cuda_context, da_cuda_context_create, da_cuda_context_destroy, da_cuda_exact_attention,
+    da_cuda_exact_attention_backward, da_cuda_forward, da_cuda_plan,
 };
 pub use error::{da_last_error_copy, da_last_error_message};
 pub use status::{da_status, da_status_string};

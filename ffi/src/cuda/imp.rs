@@ -1,6 +1,6 @@
 //! The `da_cuda_*` bodies with the CUDA backend: argument checks, the checks
 //! that need the driver, and the launches through
-//! `distr_attention_cuda::Engine`'s raw-pointer API.
+//! `distr_attention_cuda::Engine`'s raw-pointer API (forward and backward).
 
 use core::ffi::c_void;
 use core::ptr::null_mut;
@@ -8,13 +8,16 @@ use core::ptr::null_mut;
 use distr_attention_core::{Config, Error, GroupSizes, Operand, PlanShape, Problem};
 use distr_attention_cuda::cust::sys as cu;
 use distr_attention_cuda::validate::{check_attention, check_plan, BLOCK_ROWS};
-use distr_attention_cuda::{Engine, Error as DriverError, RawBuffer, RawPlan, RawTensor};
+use distr_attention_cuda::{
+    backward_workspace_len, check_backward, Engine, Error as DriverError, RawBuffer, RawForward,
+    RawGradients, RawPlan, RawTensor,
+};
 
-use super::{da_cuda_context, Mode};
+use super::{da_cuda_context, Backward, Mode};
 use crate::api::output_buffer;
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
-use crate::types::{check_disjoint, da_config, da_tensor, read_config, ByteRange, HostTensor};
+use crate::types::{check_disjoint, da_config, da_tensor, read_config, read_layout, ByteRange, HostTensor};
 
 /// What a handle owns.
 #[derive(Debug)]
@@ -48,6 +51,9 @@ fn driver(e: DriverError) -> Failure {
         DriverError::Core(Error::UnsupportedDtype { operand: Operand::Output }) => {
             with("an f32 output or one of the inputs' type")
         }
+        DriverError::Core(Error::UnsupportedDtype {
+            operand: Operand::DOut | Operand::DQ | Operand::DK | Operand::DV,
+        }) => with("f32 or the inputs' type for d_out and the gradients"),
         DriverError::Core(Error::UnsupportedDtype { .. }) => with("f16 or bf16 inputs, all of one type"),
         DriverError::Core(Error::UnsupportedHeadDim { .. }) => {
             with("head_dim 32, 64 or 128 for attention, with V's equal to it; 16 to 128 for plans")
@@ -216,10 +222,7 @@ pub(crate) unsafe fn check_call<'a>(
     // SAFETY: forwarded contract (the per-head group sizes).
     let mut cfg = unsafe { settings.config(problem.q_heads, storage)? };
     if let Mode::Exact = mode {
-        // Validated as the CPU's exact attention validates it, then every head
-        // runs G = 1, which ignores block_rows (pinned to one the kernels take).
-        cfg.validate(problem.q_heads, problem.head_dim)?;
-        cfg = Config { group_sizes: GroupSizes::Uniform(1), block_rows: BLOCK_ROWS[0], ..cfg };
+        cfg = exact(cfg, &problem)?;
     }
     let lse_range = if lse.is_null() {
         None
@@ -298,7 +301,7 @@ pub(crate) unsafe fn check_call<'a>(
 /// stream is one of its streams, and every buffer is memory CUDA knows, on
 /// the handle's device (or page-locked host or managed memory), with its
 /// extent inside its allocation.
-fn check_driver(context: usize, device: i32, checked: &Checked<'_>, stream: cu::CUstream) -> FfiResult {
+fn check_driver(context: usize, device: i32, buffers: &[ByteRange], stream: cu::CUstream) -> FfiResult {
     let current = current_context()?;
     if current != context {
         return Err(Failure::new(
@@ -323,7 +326,7 @@ fn check_driver(context: usize, device: i32, checked: &Checked<'_>, stream: cu::
             ));
         }
     }
-    for b in &checked.buffers {
+    for b in buffers {
         check_pointer(device, b)?;
     }
     Ok(())
@@ -394,17 +397,18 @@ fn check_pointer(device: i32, b: &ByteRange) -> FfiResult {
     Ok(())
 }
 
-/// A plan workspace in stream order: allocated and freed on the call's stream.
+/// A workspace in stream order (a plan, or the backward's accumulators):
+/// allocated and freed on the call's stream.
 struct Workspace {
     ptr: cu::CUdeviceptr,
     stream: cu::CUstream,
 }
 
 impl Workspace {
-    fn new(entries: usize, stream: cu::CUstream) -> FfiResult<Workspace> {
+    fn new(bytes: usize, stream: cu::CUstream) -> FfiResult<Workspace> {
         let mut ptr: cu::CUdeviceptr = 0;
         // SAFETY: writes one address; the stream is the caller's live stream.
-        cuda("cuMemAllocAsync", unsafe { cu::cuMemAllocAsync(&mut ptr, entries * 2, stream) })?;
+        cuda("cuMemAllocAsync", unsafe { cu::cuMemAllocAsync(&mut ptr, bytes, stream) })?;
         Ok(Workspace { ptr, stream })
     }
 }
@@ -438,7 +442,7 @@ pub(crate) unsafe fn call(
     // SAFETY: forwarded contract.
     let checked = unsafe { check_call(config, mode, tensors, lse, lse_len, group_sizes)? };
     let stream = stream as cu::CUstream;
-    check_driver(*context, *device, &checked, stream)?;
+    check_driver(*context, *device, &checked.buffers, stream)?;
     let cfg = &checked.cfg;
     // SAFETY (the launches): every pointer was checked to be CUDA memory of
     // this device covering its extent; the caller keeps it alive until the
@@ -456,7 +460,7 @@ pub(crate) unsafe fn call(
             PlanOut::None => None,
             PlanOut::Caller(b) => Some(b),
             PlanOut::Workspace(n) => {
-                let w = workspace.insert(Workspace::new(n, stream)?);
+                let w = workspace.insert(Workspace::new(n * 2, stream)?);
                 Some(RawBuffer { ptr: w.ptr, len: n })
             }
         };
@@ -470,6 +474,231 @@ pub(crate) unsafe fn call(
             .attention_raw(cfg, plan.as_ref(), &checked.q, &k, &v, &out, lse.as_ref(), stream)
             .map_err(driver)?;
         drop(workspace);
+    }
+    Ok(())
+}
+
+// --- the backward pass -------------------------------------------------------
+
+/// The workspace of a backward call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackwardWorkspace {
+    /// The caller's (its length in f32 elements).
+    Caller(RawBuffer),
+    /// A stream-ordered workspace of this many f32 elements, allocated at launch.
+    Stream(usize),
+}
+
+/// A backward call whose arguments passed every check that needs no CUDA call.
+#[derive(Debug)]
+pub(crate) struct CheckedBackward<'a> {
+    pub(crate) cfg: Config<'a>,
+    pub(crate) plan: Option<RawPlan>,
+    pub(crate) q: RawTensor,
+    pub(crate) k: RawTensor,
+    pub(crate) v: RawTensor,
+    pub(crate) fwd: RawForward,
+    pub(crate) grads: RawGradients,
+    pub(crate) workspace: BackwardWorkspace,
+    /// Every caller buffer of the call, for the pointer checks.
+    pub(crate) buffers: Vec<ByteRange>,
+    /// The buffers the call writes (a subset of `buffers`), for the fuzz harness.
+    #[cfg_attr(not(any(test, fuzzing)), allow(dead_code))]
+    pub(crate) written: Vec<ByteRange>,
+}
+
+/// The config of an exact call: validated as the CPU's exact attention
+/// validates it, then every head runs G = 1 (which ignores block_rows,
+/// pinned to one the kernels take).
+fn exact<'a>(cfg: Config<'a>, p: &Problem) -> FfiResult<Config<'a>> {
+    cfg.validate(p.q_heads, p.head_dim)?;
+    Ok(Config { group_sizes: GroupSizes::Uniform(1), block_rows: BLOCK_ROWS[0], ..cfg })
+}
+
+/// Bytes of `elements` f32 workspace elements.
+fn workspace_bytes(elements: usize) -> FfiResult<usize> {
+    elements
+        .checked_mul(4)
+        .ok_or_else(|| Failure::new(da_status::SizeOverflow, "workspace: its size exceeds the address space"))
+}
+
+/// `da_cuda_backward_workspace_size`: arithmetic on the config and the shapes.
+///
+/// # Safety
+/// The exported function's contract.
+pub(crate) unsafe fn workspace_size(
+    config: *const da_config,
+    q: *const da_tensor,
+    d_out: *const da_tensor,
+    size: *mut usize,
+) -> FfiResult {
+    // SAFETY (the reads): forwarded contract.
+    let settings = unsafe { read_config(config)? };
+    let (_, _, q) = unsafe { read_layout(q, Operand::Q)? };
+    let (_, d_out, _) = unsafe { read_layout(d_out, Operand::DOut)? };
+    if size.is_null() {
+        return Err(Failure::new(da_status::NullPointer, "size is NULL"));
+    }
+    // The workspace depends on Q's shape alone (rows and head_dim).
+    let problem = Problem::new(&q, &q, &q)?;
+    let mut storage = Vec::new();
+    // SAFETY: forwarded contract (the per-head group sizes).
+    let cfg = unsafe { settings.config(problem.q_heads, &mut storage)? };
+    cfg.validate(problem.q_heads, problem.head_dim)?;
+    let bytes = workspace_bytes(backward_workspace_len(&cfg, &problem, d_out).map_err(driver)?)?;
+    // SAFETY: checked non-NULL; writable per the contract.
+    unsafe { size.write_unaligned(bytes) };
+    Ok(())
+}
+
+/// Checks every argument of a `da_cuda_*_backward` call without a CUDA call
+/// and without touching the memory the pointers address: the config (its
+/// per-head group sizes copied into `storage`), the descriptors, the lse and
+/// plan lengths, everything [`check_backward`] checks (shapes, what the
+/// kernels support, alignment), the workspace's size and alignment, and that
+/// no buffer written overlaps another buffer of the call.
+///
+/// # Safety
+/// `config` and the descriptors are NULL or readable host structs (the
+/// config's `group_sizes` too).
+pub(crate) unsafe fn check_backward_call<'a>(
+    config: *const da_config,
+    args: &Backward,
+    storage: &'a mut Vec<usize>,
+) -> FfiResult<CheckedBackward<'a>> {
+    let [q, k, v, o, d_out] = args.inputs;
+    let [dq, dk, dv] = args.grads;
+    // SAFETY (the reads): forwarded contract.
+    let settings = unsafe { read_config(config)? };
+    let q = unsafe { HostTensor::read(q, Operand::Q)? };
+    let k = unsafe { HostTensor::read(k, Operand::K)? };
+    let v = unsafe { HostTensor::read(v, Operand::V)? };
+    let o = unsafe { HostTensor::read(o, Operand::Output)? };
+    let d_out = unsafe { HostTensor::read(d_out, Operand::DOut)? };
+    let dq = unsafe { HostTensor::read(dq, Operand::DQ)? };
+    let dk = unsafe { HostTensor::read(dk, Operand::DK)? };
+    let dv = unsafe { HostTensor::read(dv, Operand::DV)? };
+    let problem = Problem::new(&q.layout, &k.layout, &v.layout)?;
+    // SAFETY: forwarded contract (the per-head group sizes).
+    let mut cfg = unsafe { settings.config(problem.q_heads, storage)? };
+    if args.plan.is_none() {
+        cfg = exact(cfg, &problem)?;
+    }
+
+    let lse_needed = problem.lse_len()?;
+    if args.lse.is_null() {
+        return Err(Failure::new(
+            da_status::NullPointer,
+            "lse: pointer is NULL (the backward pass needs the forward's)",
+        ));
+    }
+    if args.lse_len < lse_needed {
+        let got = args.lse_len;
+        return Err(Error::BufferTooSmall { operand: Operand::Lse, needed: lse_needed, got }.into());
+    }
+    let mut read = vec![q.range, k.range, v.range, o.range, d_out.range];
+    read.push(ByteRange::of_buffer(args.lse, lse_needed, Operand::Lse.name())?);
+    let shape = PlanShape::new(&cfg, &q.layout)?;
+    let mut plan = None;
+    if let Some((ptr, plan_len)) = args.plan {
+        // NULL is fine when no head reads a plan; the backend reports the rest.
+        if !ptr.is_null() {
+            let entries = shape.num_entries()?;
+            if plan_len < entries {
+                return Err(
+                    Error::BufferTooSmall { operand: Operand::Plan, needed: entries, got: plan_len }.into()
+                );
+            }
+            read.push(ByteRange::of_buffer(ptr, entries, Operand::Plan.name())?);
+            plan = Some(RawPlan { ptr: ptr as u64, len: plan_len, shape });
+        }
+    }
+    let fwd = RawForward {
+        o: raw(&o),
+        lse: RawBuffer { ptr: args.lse as u64, len: args.lse_len },
+        d_out: raw(&d_out),
+    };
+    let grads = RawGradients { dq: raw(&dq), dk: raw(&dk), dv: raw(&dv) };
+    let (rq, rk, rv) = (raw(&q), raw(&k), raw(&v));
+    // The backend's checks, on a workspace of the size it needs (the
+    // caller's is checked below, with its own messages in bytes).
+    let elements = backward_workspace_len(&cfg, &problem, d_out.dtype).map_err(driver)?;
+    let placeholder = RawBuffer { ptr: WORKSPACE_PLACEHOLDER, len: elements };
+    check_backward(&cfg, plan.as_ref(), &rq, &rk, &rv, &fwd, &grads, &placeholder).map_err(driver)?;
+
+    let mut written = vec![dq.range, dk.range, dv.range];
+    let workspace = if args.workspace.is_null() {
+        BackwardWorkspace::Stream(elements)
+    } else {
+        let needed = workspace_bytes(elements)?;
+        let (ptr, given) = (args.workspace, args.workspace_size);
+        if given < needed {
+            return Err(Failure::new(
+                da_status::BufferTooSmall,
+                format!("workspace: {given} bytes given, {needed} needed (da_cuda_backward_workspace_size)"),
+            ));
+        }
+        if !(ptr as usize).is_multiple_of(16) {
+            return Err(Failure::new(
+                da_status::MisalignedPointer,
+                format!("workspace: pointer {ptr:p} is not 16-byte aligned"),
+            ));
+        }
+        written.push(ByteRange::of_unaligned(ptr, needed, 1, "workspace")?);
+        BackwardWorkspace::Caller(RawBuffer { ptr: ptr as u64, len: elements })
+    };
+    check_disjoint(&written, &read)?;
+    let mut buffers = read;
+    buffers.extend_from_slice(&written);
+    Ok(CheckedBackward { cfg, plan, q: rq, k: rk, v: rv, fwd, grads, workspace, buffers, written })
+}
+
+/// The body of `da_cuda_attention_backward` and `da_cuda_exact_attention_backward`.
+///
+/// # Safety
+/// The contract of the exported functions.
+pub(crate) unsafe fn backward(
+    ctx: *mut da_cuda_context,
+    config: *const da_config,
+    args: &Backward,
+    stream: *mut c_void,
+) -> FfiResult {
+    // SAFETY: per the contract, a non-NULL handle is live and exclusively ours.
+    let handle =
+        unsafe { ctx.as_mut() }.ok_or_else(|| Failure::new(da_status::NullPointer, "context is NULL"))?;
+    let State { engine, context, device, group_sizes } = &mut handle.state;
+    // SAFETY: forwarded contract.
+    let c = unsafe { check_backward_call(config, args, group_sizes)? };
+    let stream = stream as cu::CUstream;
+    check_driver(*context, *device, &c.buffers, stream)?;
+    // SAFETY (the launches): every pointer was checked to be CUDA memory of
+    // this device covering its extent; the caller keeps it alive until the
+    // stream has run the kernels; the buffers written overlap nothing else
+    // of the call (checked).
+    unsafe {
+        // Dropped (freed in stream order) after the launches that use it.
+        let mut allocated = None;
+        let workspace = match c.workspace {
+            BackwardWorkspace::Caller(b) => b,
+            BackwardWorkspace::Stream(n) => {
+                let w = allocated.insert(Workspace::new(workspace_bytes(n)?, stream)?);
+                RawBuffer { ptr: w.ptr, len: n }
+            }
+        };
+        engine
+            .attention_backward_raw(
+                &c.cfg,
+                c.plan.as_ref(),
+                &c.q,
+                &c.k,
+                &c.v,
+                &c.fwd,
+                &c.grads,
+                &workspace,
+                stream,
+            )
+            .map_err(driver)?;
+        drop(allocated);
     }
     Ok(())
 }

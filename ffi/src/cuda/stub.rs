@@ -4,7 +4,7 @@
 
 use core::ffi::c_void;
 
-use super::{da_cuda_context, Mode};
+use super::{da_cuda_context, Backward, Mode};
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
 use crate::types::{da_config, da_tensor};
@@ -37,6 +37,24 @@ pub(crate) unsafe fn call(
     _tensors: [*const da_tensor; 4],
     _lse: *mut f32,
     _lse_len: usize,
+    _stream: *mut c_void,
+) -> FfiResult {
+    Err(unavailable())
+}
+
+pub(crate) unsafe fn workspace_size(
+    _config: *const da_config,
+    _q: *const da_tensor,
+    _d_out: *const da_tensor,
+    _size: *mut usize,
+) -> FfiResult {
+    Err(unavailable())
+}
+
+pub(crate) unsafe fn backward(
+    _ctx: *mut da_cuda_context,
+    _config: *const da_config,
+    _args: &Backward,
     _stream: *mut c_void,
 ) -> FfiResult {
     Err(unavailable())
