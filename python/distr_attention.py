@@ -1236,6 +1236,13 @@ def hf_attention(module, query, key, value, attention_mask, scaling: Optional[fl
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"distr_attention: {name} is not supported")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    # Under autocast SDPA computes in the autocast dtype; so do we. (Llama-style
+    # models apply RoPE in float32, so Q and K arrive in float32 and V in the
+    # autocast dtype; the CUDA kernels take float16/bfloat16 only.)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (x.to(dtype) for x in (q, k, v))
     causal = _hf_causal(torch, module, attention_mask, q.shape[1], k.shape[1], kwargs)
     config = _hf_config(module)
     config = dataclasses.replace(config, causal=causal, scale=config.scale if scaling is None else float(scaling))

@@ -838,6 +838,22 @@ class Transformers(unittest.TestCase):
         with self.assertRaises(ValueError):
             ours(ids, attention_mask=mask)
 
+    def test_autocast_casts_inputs_like_sdpa(self):
+        # Llama-style models hand float32 Q/K (RoPE in float32) and a bf16 V to the
+        # attention under autocast; SDPA computes in bf16 there, and so do we.
+        name = da.register_transformers(da.Config(group_size=2, causal=True))
+        module = torch.nn.Module()
+        g = torch.Generator().manual_seed(3)
+        q, k = torch.randn(1, 4, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g)
+        v = torch.randn(1, 2, 40, 32, generator=g).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = da.hf_attention(module, q, k, v, None, is_causal=True)
+        cfg = da.Config(group_size=2, causal=True)
+        want = da.distr_attention(*(x.transpose(1, 2).bfloat16() for x in (q, k, v)), cfg)
+        self.assertEqual(got.dtype, torch.bfloat16)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        self.assertEqual(name, "distr_attention")
+
     def test_cuda_training_steps(self):
         if not torch.cuda.is_available() or not da.cuda_built():
             self.skipTest("no CUDA device or a library without the CUDA entry points")
