@@ -257,9 +257,9 @@ int main() {
     t = dense(out, DA_DTYPE_F16);
     expect("f16 output of bf16 inputs", da_cuda_forward(ctx, &cfg, &tq, &tk, &tv, &t, nullptr, 0, nullptr, 0, stream),
            DA_STATUS_UNSUPPORTED, "output");
-    c = cfg, c.grouping = DA_GROUPING_SIMILARITY;
-    expect("similarity plan on the GPU", da_cuda_plan(ctx, &c, &tq, (uint16_t *)plan, np, stream),
-           DA_STATUS_UNSUPPORTED, "LSH");
+    c = cfg, c.grouping = DA_GROUPING_KEY_WEIGHTED;
+    expect("key-weighted plan without keys", da_cuda_plan(ctx, &c, &tq, (uint16_t *)plan, np, stream),
+           DA_STATUS_UNSUPPORTED, "keys");
     {
         /* No context current on this thread, then the handle's back. */
         CUcontext primary = nullptr;

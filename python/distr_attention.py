@@ -786,8 +786,9 @@ def plan(q, config: Optional[Config] = None, context: Optional[Context] = None, 
     plan for attention over those keys (``da_plan_with_keys``): needed for
     ``grouping="key_weighted"``, the same plan in the other modes.
 
-    On a CUDA tensor (f16/bf16; LSH grouping only, ``k`` unused): a uint16
-    tensor on its device, computed on its current stream."""
+    On a CUDA tensor (f16/bf16; LSH or similarity grouping, ``k`` unused;
+    key-weighted plans on CUDA come from :func:`forward`): a uint16 tensor on
+    its device, computed on its current stream."""
     if _is_cuda(q):
         return _cuda_plan(q, config or Config(), context)
     np = _np()
@@ -1081,8 +1082,8 @@ def _function_class():
         CUDA tensors (float16 or bfloat16; float32 raises TypeError, the GPU
         kernels have none) run on the current stream: when a gradient is
         needed the forward writes a float32 output (returned rounded to
-        ``q``'s dtype), keeps it with the log-sum-exp and the GPU plan (LSH
-        grouping only), and the backward runs ``da_cuda_attention_backward``
+        ``q``'s dtype), keeps it with the log-sum-exp and the GPU plan (any
+        grouping mode), and the backward runs ``da_cuda_attention_backward``
         on them; gradients come back in the inputs' dtype."""
 
         @staticmethod

@@ -123,16 +123,22 @@ pub unsafe extern "C" fn da_cuda_context_destroy(ctx: *mut da_cuda_context) {
     boundary_or((), || unsafe { imp::destroy(ctx) })
 }
 
-/// Computes the LSH plan of `q` on the GPU into `plan`, asynchronously on
+/// Computes the plan of `q` on the GPU into `plan`, asynchronously on
 /// `stream`: `uint16_t` entries in device memory, laid out as `da_plan`'s
-/// (`da_get_plan_shape` gives the count). The plan equals the CPU's
+/// (`da_get_plan_shape` gives the count). An LSH plan equals the CPU's
 /// (`da_plan`) except where a projection's dot product is within rounding of
-/// zero (the GPU accumulates in f32).
+/// zero (the GPU accumulates in f32); a similarity plan
+/// (`DA_GROUPING_SIMILARITY`) equals the CPU's except in blocks where one of
+/// the grouping's decisions is a near-tie (the GPU decides in f32, the CPU in
+/// f64).
 ///
 /// * `q`: a `da_tensor` whose `data` is device memory, f16 or bf16, `head_dim`
-///   in {16, 32, 64, 128}, 8-byte aligned with strides multiples of 4.
-/// * `config`: host memory; `block_rows` at most 128, LSH grouping only (plan
-///   other groupings on the CPU and upload them).
+///   in {16, 32, 64, 128} for LSH, {32, 64, 128} for similarity, 8-byte
+///   aligned with strides multiples of 4.
+/// * `config`: host memory; `block_rows` at most 128; LSH or similarity
+///   grouping (key-weighted grouping needs the keys: `da_cuda_forward` plans
+///   it on the GPU, or plan it on the CPU with `da_plan_with_keys` and upload
+///   it); for similarity every head's G in {1, 2, 4, 8}.
 /// * `plan`: device memory, `plan_len >= num_entries` entries, 2-byte aligned;
 ///   must not overlap Q.
 /// * `stream`: a `CUstream` / `cudaStream_t` of the handle's context, or NULL
@@ -242,9 +248,10 @@ pub unsafe extern "C" fn da_cuda_exact_attention(
     boundary(|| unsafe { imp::call(ctx, config, Mode::Exact, [q, k, v, out], lse, lse_len, stream) })
 }
 
-/// One-shot DistrAttention on the GPU: the plan of Q (as `da_cuda_plan`), then
-/// attention with it (as `da_cuda_attention`), both on `stream`. Arguments as
-/// for `da_cuda_attention`, except the plan:
+/// One-shot DistrAttention on the GPU: the plan of Q (as `da_cuda_plan`; for
+/// `DA_GROUPING_KEY_WEIGHTED` from Q and K, as `da_plan_with_keys` on the CPU),
+/// then attention with it (as `da_cuda_attention`), both on `stream`.
+/// Arguments as for `da_cuda_attention`, except the plan:
 ///
 /// * `plan_out`: NULL, or `plan_len >= num_entries` entries of device memory
 ///   that receive the plan (e.g. to replay it on the CPU); it must not overlap

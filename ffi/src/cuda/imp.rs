@@ -5,7 +5,8 @@
 use core::ffi::c_void;
 use core::ptr::null_mut;
 
-use distr_attention_core::{Config, Error, GroupSizes, Operand, PlanShape, Problem};
+use distr_attention_core::{Config, Error, GroupSizes, GroupingMode, Operand, PlanShape, Problem};
+use distr_attention_cuda::check_similarity_plan;
 use distr_attention_cuda::cust::sys as cu;
 use distr_attention_cuda::validate::{check_attention, check_plan, BLOCK_ROWS};
 use distr_attention_cuda::{
@@ -14,7 +15,7 @@ use distr_attention_cuda::{
 };
 
 use super::{da_cuda_context, Backward, Mode};
-use crate::api::output_buffer;
+use crate::api::{output_buffer, plan_settings};
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
 use crate::types::{check_disjoint, da_config, da_tensor, read_config, read_layout, ByteRange, HostTensor};
@@ -195,12 +196,12 @@ pub(crate) unsafe fn check_call<'a>(
     let rq = raw(&q);
 
     if let Mode::Plan(plan, plan_len) = mode {
-        // The GPU plans LSH only: the group sizes play no part.
-        let cfg = settings.plan_config();
+        // SAFETY: forwarded contract (the per-head group sizes, read where the grouping uses them).
+        let cfg = unsafe { plan_settings(&settings, q.layout.heads, storage)? };
         let shape = PlanShape::new(&cfg, &q.layout)?;
         let range = output_buffer(plan, plan_len, shape.num_entries()?, Operand::Plan)?;
         let out = RawBuffer { ptr: plan as u64, len: plan_len };
-        check_plan(&cfg, &rq, &out).map_err(driver)?;
+        check_plan_output(&cfg, &rq, None, &out)?;
         check_disjoint(&[range], &[q.range])?;
         return Ok(Checked {
             cfg,
@@ -275,11 +276,9 @@ pub(crate) unsafe fn check_call<'a>(
     check_attention(&cfg, attend_plan.as_ref(), &rq, &rk, &rv, &ro, lse_raw.as_ref()).map_err(driver)?;
     match plan_out {
         PlanOut::None => {}
-        PlanOut::Caller(b) => {
-            check_plan(&cfg, &rq, &b).map_err(driver)?;
-        }
+        PlanOut::Caller(b) => check_plan_output(&cfg, &rq, Some(&rk), &b)?,
         PlanOut::Workspace(n) => {
-            check_plan(&cfg, &rq, &RawBuffer { ptr: WORKSPACE_PLACEHOLDER, len: n }).map_err(driver)?;
+            check_plan_output(&cfg, &rq, Some(&rk), &RawBuffer { ptr: WORKSPACE_PLACEHOLDER, len: n })?
         }
     }
     check_disjoint(&written, &read)?;
@@ -295,6 +294,17 @@ pub(crate) unsafe fn check_call<'a>(
         buffers,
         written,
     })
+}
+
+/// The checks of a plan the call writes: the LSH kernel's, or the similarity
+/// kernel's for the other grouping modes (key-weighted needs `k`).
+fn check_plan_output(cfg: &Config<'_>, q: &RawTensor, k: Option<&RawTensor>, plan: &RawBuffer) -> FfiResult {
+    match cfg.grouping {
+        GroupingMode::Lsh => check_plan(cfg, q, plan),
+        _ => check_similarity_plan(cfg, q, k, plan),
+    }
+    .map(|_| ())
+    .map_err(driver)
 }
 
 /// The checks that need the driver: the handle's context is current, the
@@ -450,6 +460,7 @@ pub(crate) unsafe fn call(
     unsafe {
         let Some((k, v, out, lse)) = checked.attend else {
             if let PlanOut::Caller(plan) = checked.plan_out {
+                // Any grouping that needs only Q (key-weighted was refused by the checks).
                 engine.plan_raw(cfg, &checked.q, &plan, stream).map_err(driver)?;
             }
             return Ok(());
@@ -465,7 +476,8 @@ pub(crate) unsafe fn call(
             }
         };
         if let Some(b) = written {
-            engine.plan_raw(cfg, &checked.q, &b, stream).map_err(driver)?;
+            // LSH, similarity or key-weighted, as the config says.
+            engine.plan_with_keys_raw(cfg, &checked.q, &k, &b, stream).map_err(driver)?;
         }
         let plan = written
             .map(|b| RawPlan { ptr: b.ptr, len: b.len, shape: checked.plan_shape })

@@ -362,10 +362,18 @@ mod checks {
         x.cfg.block_rows = 32;
         x.plan_len *= 2;
         expect(x.check(x.forward()), da_status::Unsupported, "block_rows");
+        // Similarity plans need only Q; key-weighted ones need K, which
+        // da_cuda_plan does not take.
         let mut x = Call::new();
         x.cfg.grouping = da_grouping::Similarity as u32;
-        expect(x.check(x.plan_mode()), da_status::Unsupported, "LSH");
-        expect(x.check(x.forward()), da_status::Unsupported, "LSH");
+        expect(x.check(x.plan_mode()), da_status::Ok, "");
+        expect(x.check(x.forward()), da_status::Ok, "");
+        x.cfg.group_size = 16;
+        expect(x.check(x.plan_mode()), da_status::Unsupported, "group size 16");
+        let mut x = Call::new();
+        x.cfg.grouping = da_grouping::KeyWeighted as u32;
+        expect(x.check(x.plan_mode()), da_status::Unsupported, "keys");
+        expect(x.check(x.forward()), da_status::Ok, "");
         // Head dimension 16: the plan kernel takes it, the attention kernels do not.
         let mut x = Call::new();
         for t in x.t.iter_mut() {
