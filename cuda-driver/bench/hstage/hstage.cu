@@ -1,16 +1,19 @@
-// Stage-removal timing and cross-version check of the Hopper kernel
-// (kernels/hfwd.cu and the v2 copy beside this file), bf16, outside the Rust
-// engine: the same FwdParams, grid and shared memory as the engine's launch.
+// Stage-removal timing and cross-version check of the Hopper kernel, bf16,
+// outside the Rust engine (the same FwdParams, grid and shared memory as the
+// engine's launch). One binary per head dim links three versions (each
+// hstage_k.cu compiled with its namespace renamed): "v2" (the frozen copy
+// beside this file, the reference of `check`), "old" (kernels/hfwd.cu at
+// build.sh's OLD revision) and "new" (kernels/hfwd.cu as checked out).
 //
 //   build.sh here (nvcc, sm_90a; see it for the flags), device.sh on the GPU:
-//   ./hstage time                 # table: effective TFLOP/s per (G, kAblate)
-//   ./hstage dump FILE            # small cases with tails -> raw outputs
-//   ./hstage check FILE           # the same cases, max |diff| against FILE
+//   ./hstage check [X]   # new (kAblate X: 0 or 8) against v2 on small cases with tails
+//   ./hstage time        # new vs old per (G, kAblate), interleaved launches; TFLOP/s
+//   ./hstage prof        # new's cycle counters (kAblate bit 4) per tile
 //
 // kAblate (see hfwd_body): bit 0 no transpose/fuse of Khat (stale Khat), bit 1
-// no raw-K loads, bit 2 no softmax (v4 also had bit 3, the serial consumer
-// order, which is v5's only order). Ablated outputs are meaningless; only
-// kAblate = 0 is checked.
+// no raw-K loads, bit 2 no softmax (P = S), bit 3 (new only) the consumer
+// warpgroups take turns for their GEMMs, bit 4 (new only) cycle counters.
+// Versions ignore bits they lack. Ablated outputs (bits 0-2) are meaningless.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,7 +23,9 @@
 #include <string>
 #include <vector>
 
-#include HFWD_FILE
+#include <cuda_bf16.h>
+
+#include "common.cuh"
 
 #define CK(x)                                                                               \
     do {                                                                                    \
@@ -34,13 +39,17 @@
 using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM;
 
-template <int G, int X>
-__global__ void __launch_bounds__(da::kHThreads, 1) hkern(const __grid_constant__ FwdParams p) {
-#if DA_HOPPER
-    da::hfwd_body<T, D, G, X>(p);
-#endif
+namespace hs_v2 {
+bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
 }
-
+namespace hs_old {
+bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
+}
+namespace hs_new {
+bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
+bool prof(unsigned long long* out, bool reset);
+}
+using LaunchFn = bool (*)(int, int, const FwdParams&, dim3, cudaStream_t);
 __global__ void fill(T* x, size_t n, uint32_t seed) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 2654435761u ^ seed;
@@ -92,45 +101,71 @@ static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     return pr;
 }
 
-template <int G, int X>
-static void launch(const Problem& pr, cudaStream_t st) {
-    constexpr int smem = da::HTraits<D, G>::kSmem;
-    static bool once = false;
-    if (!once) {
-        CK(cudaFuncSetAttribute(hkern<G, X>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        once = true;
-    }
-    dim3 grid(pr.p.num_blocks, pr.H, pr.B);
-    hkern<G, X><<<grid, da::kHThreads, smem, st>>>(pr.p);
-    CK(cudaGetLastError());
+static void free_problem(Problem& pr) {
+    CK(cudaFree(pr.q));
+    CK(cudaFree(pr.k));
+    CK(cudaFree(pr.v));
+    CK(cudaFree(pr.o));
+    CK(cudaFree(pr.plan));
 }
 
-template <int G, int X>
-static double time_ms(const Problem& pr) {
+static void launch(LaunchFn f, int g, int x, const Problem& pr) {
+    dim3 grid(pr.p.num_blocks, pr.H, pr.B);
+    if (!f(g, x, pr.p, grid, 0)) {
+        fprintf(stderr, "variant G=%d X=%d not built\n", g, x);
+        exit(1);
+    }
+}
+
+static double flops(const Problem& pr) {
+    return 4.0 * pr.B * pr.H * (double)pr.N * pr.N * D * (pr.causal ? 0.5 : 1.0);
+}
+
+// new and old alternately, 5 launches each per round, 8 rounds after 3
+// warm-ups each; medians of the 40 event-timed launches per version.
+static void row_ab(const char* what, int g, int x, const Problem& pr) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    for (int i = 0; i < 3; ++i) launch<G, X>(pr, 0);
-    std::vector<float> ms;
-    for (int i = 0; i < 15; ++i) {
-        CK(cudaEventRecord(a));
-        launch<G, X>(pr, 0);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float t;
-        CK(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t);
+    LaunchFn fs[2] = {hs_new::launch, hs_old::launch};
+    std::vector<float> ms[2];
+    for (int v = 0; v < 2; ++v)
+        for (int i = 0; i < 3; ++i) launch(fs[v], g, x, pr);
+    for (int round = 0; round < 8; ++round)
+        for (int v = 0; v < 2; ++v)
+            for (int i = 0; i < 5; ++i) {
+                CK(cudaEventRecord(a));
+                launch(fs[v], g, x, pr);
+                CK(cudaEventRecord(b));
+                CK(cudaEventSynchronize(b));
+                float t;
+                CK(cudaEventElapsedTime(&t, a, b));
+                ms[v].push_back(t);
+            }
+    double med[2];
+    for (int v = 0; v < 2; ++v) {
+        std::sort(ms[v].begin(), ms[v].end());
+        med[v] = ms[v][ms[v].size() / 2];
     }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
+    printf("%-30s D=%d G=%d X=%2d causal=%d  new %7.3f ms %6.1f TF/s | old %7.3f ms %6.1f TF/s | new/old %.3f\n",
+           what, D, g, x, (int)pr.causal, med[0], flops(pr) / med[0] / 1e9, med[1], flops(pr) / med[1] / 1e9,
+           med[1] / med[0]);
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
 }
 
-template <int G, int X>
-static void row(const char* what, const Problem& pr) {
-    const double ms = time_ms<G, X>(pr);
-    const double flops = 4.0 * pr.B * pr.H * (double)pr.N * pr.N * D * (pr.causal ? 0.5 : 1.0);
-    printf("%-34s G=%d X=%d causal=%d  %8.3f ms  %6.1f TFLOP/s\n", what, G, X, (int)pr.causal, ms,
-           flops / ms / 1e9);
+// new's cycle counters (kAblate 16 + x) per tile.
+static void row_prof(const char* what, int g, int x, const Problem& pr) {
+    unsigned long long c[8];
+    hs_new::prof(c, true);
+    launch(hs_new::launch, g, 16 + x, pr);
+    CK(cudaDeviceSynchronize());
+    hs_new::prof(c, false);
+    const double tiles = (double)std::max(1ull, c[7]);
+    printf("%-30s D=%d G=%d X=%2d causal=%d  cycles/tile: producer %6.0f (raw-K wait %5.0f, transpose+bar %5.0f, "
+           "empty wait %5.0f, fuse %5.0f) | consumer %6.0f (full wait %5.0f)\n",
+           what, D, g, 16 + x, (int)pr.causal, c[0] / tiles, c[1] / tiles, c[2] / tiles, c[3] / tiles, c[4] / tiles,
+           c[5] / tiles, c[6] / tiles);
 }
 
 // Small cases with key tails and causal masking, for dump/check.
@@ -140,49 +175,38 @@ struct Case {
 };
 static const Case kCases[] = {{1, 2, 1000, false}, {1, 2, 1000, true}, {2, 1, 300, true}, {1, 1, 129, false}};
 
-template <int G, int X>
-static void run_case(const Case& c, int idx, std::vector<T>& out) {
+static void run_case(LaunchFn f, int g, int x, const Case& c, int idx, std::vector<T>& out) {
     Problem pr = make(c.B, c.H, c.N, c.causal, 17 + idx);
-    launch<G, X>(pr, 0);
+    launch(f, g, x, pr);
     CK(cudaDeviceSynchronize());
     out.resize((size_t)c.B * c.N * c.H * D);
     CK(cudaMemcpy(out.data(), pr.o, out.size() * 2, cudaMemcpyDeviceToHost));
+    free_problem(pr);
 }
 
-template <int X>
-static void all_outputs(std::vector<std::vector<T>>& outs) {
+static void all_outputs(LaunchFn f, int x, std::vector<std::vector<T>>& outs) {
     int idx = 0;
     for (const Case& c : kCases) {
-        std::vector<T> o;
-        run_case<1, X>(c, idx, o), outs.push_back(o);
-        run_case<2, X>(c, idx, o), outs.push_back(o);
-        run_case<4, X>(c, idx, o), outs.push_back(o);
-        run_case<8, X>(c, idx, o), outs.push_back(o);
+        for (int g : {1, 2, 4, 8}) {
+            std::vector<T> o;
+            run_case(f, g, x, c, idx, o);
+            outs.push_back(o);
+        }
         ++idx;
     }
 }
 
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "time";
-    if (mode == "dump" || mode == "check") {
-        // check: the kernel as built into the library (X = 0). v4's runs also
-        // checked its serial consumer order (X = 8, -DHSTAGE_CHECK_SERIAL,
-        // results/hopper-v3/run2_check_*.log); v5 kept only that order.
-        std::vector<std::vector<T>> outs;
-        all_outputs<0>(outs);
-        if (mode == "dump") {
-            FILE* f = fopen(argv[2], "wb");
-            for (auto& o : outs) fwrite(o.data(), 2, o.size(), f);
-            fclose(f);
-            printf("dumped %zu outputs\n", outs.size());
-            return 0;
-        }
-        FILE* f = fopen(argv[2], "rb");
-        if (!f) return 2;
-        int bad = 0, k = 0;
-        for (auto& o : outs) {
-            std::vector<T> ref(o.size());
-            if (fread(ref.data(), 2, ref.size(), f) != ref.size()) return 2;
+    if (mode == "check") {
+        // new (kAblate X) against v2 (X = 0), element by element.
+        const int x = argc > 2 ? atoi(argv[2]) : 0;
+        std::vector<std::vector<T>> outs, refs;
+        all_outputs(hs_new::launch, x, outs);
+        all_outputs(hs_v2::launch, 0, refs);
+        int bad = 0;
+        for (size_t k = 0; k < outs.size(); ++k) {
+            const std::vector<T>&o = outs[k], &ref = refs[k];
             double md = 0, mref = 0;
             size_t nd = 0;
             for (size_t i = 0; i < o.size(); ++i) {
@@ -191,34 +215,46 @@ int main(int argc, char** argv) {
                 mref = std::max(mref, std::fabs(r));
                 nd += a != r;
             }
-            const int G = 1 << (k % 4);
-            printf("%scase %d G=%d: max|diff| %.3g (max|ref| %.3g), %zu of %zu differ\n", "", k / 4, G, md, mref, nd, o.size());
+            printf("X=%d case %zu G=%d: max|diff| %.3g (max|ref| %.3g), %zu of %zu differ\n", x, k / 4, 1 << (k % 4), md,
+                   mref, nd, o.size());
             bad += !(md <= 0.02 * std::max(mref, 1e-3));
-            ++k;
         }
-        fclose(f);
         printf("%s\n", bad ? "CHECK FAILED" : "check ok");
         return bad ? 1 : 0;
     }
-    if (D != 128) return 0;
+    // B * N = 65536, H * D = 2048, N = 4096 (as the benchmark's middle row).
+    const int H = 2048 / D;
+    {
+        // Clocks up before the first timed row: ~1 s of G = 1 launches.
+        Problem pr = make(16, H, 4096, false, 7);
+        for (int i = 0; i < 200; ++i) launch(hs_new::launch, 1, 0, pr);
+        CK(cudaDeviceSynchronize());
+        free_problem(pr);
+    }
     for (int causal = 0; causal < 2; ++causal) {
-        Problem pr = make(16, 16, 4096, causal, 7);
-        row<1, 0>("G=1", pr);
-        row<1, 4>("G=1 no softmax", pr);
-        row<2, 0>("G=2+plan full", pr);
-        row<2, 1>("G=2 no Khat fuse", pr);
-        row<2, 3>("G=2 no fuse, no raw-K loads", pr);
-        row<2, 4>("G=2 no softmax", pr);
-        row<2, 7>("G=2 V loads + GEMMs only", pr);
-        row<4, 0>("G=4+plan full", pr);
-        row<4, 1>("G=4 no Khat fuse", pr);
-        row<4, 3>("G=4 no fuse, no raw-K loads", pr);
-        row<8, 0>("G=8+plan full", pr);
-        CK(cudaFree(pr.q));
-        CK(cudaFree(pr.k));
-        CK(cudaFree(pr.v));
-        CK(cudaFree(pr.o));
-        CK(cudaFree(pr.plan));
+        Problem pr = make(16, H, 4096, causal, 7);
+        if (mode == "prof") {
+            row_prof("G=1", 1, 0, pr);
+            row_prof("G=2", 2, 0, pr);
+            row_prof("G=2 turns", 2, 8, pr);
+            row_prof("G=2 no softmax", 2, 4, pr);
+            row_prof("G=4", 4, 0, pr);
+            row_prof("G=8", 8, 0, pr);
+        } else {
+            row_ab("G=1", 1, 0, pr);
+            row_ab("G=1 turns (old: as X=0)", 1, 8, pr);
+            row_ab("G=2+plan full", 2, 0, pr);
+            row_ab("G=2 turns (old: as X=0)", 2, 8, pr);
+            row_ab("G=2 no Khat fuse", 2, 1, pr);
+            row_ab("G=2 no fuse, no raw-K loads", 2, 3, pr);
+            row_ab("G=2 no softmax", 2, 4, pr);
+            row_ab("G=2 V loads + GEMMs only", 2, 7, pr);
+            row_ab("G=4+plan full", 4, 0, pr);
+            row_ab("G=4 turns (old: as X=0)", 4, 8, pr);
+            row_ab("G=4 no Khat fuse", 4, 1, pr);
+            row_ab("G=8+plan full", 8, 0, pr);
+        }
+        free_problem(pr);
     }
     return 0;
 }
