@@ -5,31 +5,28 @@
 // (G = 1, which never reads a plan).
 //
 // One CTA (3 warpgroups, 384 threads) per (128 query rows, head, batch):
-//   warpgroup 0, producer: cp.async loads of K and V tiles (BN = 128 keys);
-//       G = 1: K goes straight into the wgmma layout; G > 1: K lands, in half
-//       tiles of 64 keys prefetched two ahead, in the same swizzled layout
-//       (16-byte copies), is transposed into K^T (ldmatrix + stmatrix.trans)
-//       and the producer builds Khat^T[t][n] = sum of the group's K^T rows,
-//       8 keys per 16-byte load (f32, rounded once to T; G = 2 with T's own
-//       add, which is the same single rounding), into an MN-major operand.
+//   warpgroup 0, producer: its thread 0 loads K and V tiles (BN = 128 keys)
+//       by TMA (descriptors from the engine: HTmaMaps, common.cuh); G = 1: K
+//       lands straight in the wgmma layout; G > 1: raw K lands, in half tiles
+//       of 64 keys prefetched two ahead, in the same swizzled layout, the
+//       warpgroup transposes it into K^T (ldmatrix + stmatrix.trans) and builds
+//       Khat^T[t][n] = sum of the group's K^T rows, 8 keys per 16-byte load
+//       (f32, rounded once to T; G = 2 with T's own add, which is the same
+//       single rounding), into an MN-major operand.
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
 //       O += P V (wgmma, P from registers, V transposed from shared memory).
-// Stages (3 or 4, HTraits::S): full[s] (producer -> consumers: 128 producer
-// arrivals; the producer's cp.async copies of the stage are tracked by the
-// barrier itself, so only Khat waits for the producer), empty[s] (consumers
-// -> producer: one arrival per consumer warp after its wgmma reads finished).
-// The consumers execute fence.proxy.async after full[s] (cp.async writes are
-// generic-proxy writes, wgmma reads through the async proxy).
+// Stages (3 or 4, HTraits::S): full[s] (producer -> consumers: the TMA bytes
+// of the stage plus, for G > 1, 128 producer arrivals after Khat was written
+// and fenced with fence.proxy.async), empty[s] (consumers -> producer: one
+// arrival per consumer warp after its wgmma reads finished).
 //
 // Shared-memory operands:
 //   Tiles loaded from global memory (Q for G = 1, K, V) use the
 //   128-byte-swizzle layouts, one region per 64 columns: row r's 16-byte
-//   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16). Each thread copies
-//   whole rows' chunks, so a warp reads full 128-byte lines from L2 and writes
-//   conflict-free (v1 used the no-swizzle layout with 8 rows x 64 bytes per
-//   warp copy: half lines, L2-bound at 90% of its throughput).
+//   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16) (TMA's 128-byte
+//   swizzle of 64 x 64 boxes; Q by cp.async, whole 128-byte rows per warp).
 //     K-major (Q, K): start + 32 bytes per k-step of 16, next region per 4
 //       k-steps; SBO = 1024 (8 rows), swizzle mode 1.
 //     MN-major (V, Khat^T; the reduction dim is the row): start + 2048 bytes
@@ -146,14 +143,30 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// The mbarrier tracks this thread's earlier cp.async copies: with .noinc their
-// completion is one of the barrier's expected arrivals; without it, it holds
-// the phase open (pending count + 1 now, - 1 on completion) on top of them.
-__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+// TMA: the barrier's phase also waits for `bytes` of copies (with or without
+// this thread's arrival); a 64 x 64 box (d x n) of a tensor map into shared
+// memory (128-byte swizzle: 64 rows of 128 bytes), completing on `bar`.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void tma_box(uint32_t dst, const TmaDesc& map, int d0, int n0, int hk, int b, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(&map)), "r"(d0), "r"(n0), "r"(hk), "r"(b), "r"(bar)
+        : "memory");
+}
+// ROWS keys from n0 in the 128-byte-swizzle layout of load_sw128 (one region
+// of ROWS * 128 bytes per 64 columns): ROWS * D * 2 bytes on `bar`.
+template <int D, int ROWS>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const TmaDesc& map, int n0, int hk, int b, uint32_t bar) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+#pragma unroll
+        for (int r = 0; r < ROWS / 64; ++r) tma_box(dst + c * (ROWS * 128) + r * (64 * 128), map, c * 64, n0 + r * 64, hk, b, bar);
 }
 __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -209,11 +222,12 @@ struct HClock {
 
 // kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
 // bit 0 the producer skips the transpose and Khat (Khat stale), bit 1 it skips
-// the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 3 the
-// consumers take turns (named barriers 5, 6) for P_j V_j .. S_{j+1}, bit 4
-// cycle counters of producer thread 0 and consumer thread 128 into hprof.
+// the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 4
+// cycle counters of producer thread 0 and consumer thread 128 into hprof
+// (bit 3, the consumers taking turns for P_j V_j .. S_{j+1} with named
+// barriers, measured 2-24% slower and was removed: kernels/NOTES.md).
 template <typename T, int D, int G, int kAblate = 0>
-__device__ __forceinline__ void hfwd_body(const FwdParams& p) {
+__device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& maps) {
     using Tr = HTraits<D, G>;
     using Nm = Num<T>;
     constexpr int BM = Tr::BM, BN = Tr::BN, HN = Tr::HN, S = Tr::S, KC = Tr::KC, DG = Tr::DG;
@@ -239,16 +253,16 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
     const int n_tiles = (kv_end + BN - 1) / BN;
 
     if (tid == 0) {
-        // full[s]: 128 producer arrivals (G = 1: on completion of the thread's
-        // K/V copies; G > 1: after Khat, with the V copies holding the phase);
-        // empty[s]: one per consumer warp; kraw[i]: completion of the 128
-        // threads' copies of a raw-K half tile.
+        // full[s]: G = 1 producer thread 0's arrival with the K/V copies' bytes;
+        // G > 1 the 128 producer arrivals after Khat, with V's bytes. empty[s]:
+        // one arrival per consumer warp. kraw[i]: the copy of a raw-K half tile.
         for (int s = 0; s < S; ++s) {
-            mbar_init(bar_full + 8 * s, 128);
+            mbar_init(bar_full + 8 * s, Tr::kFused ? 128 : 1);
             mbar_init(bar_empty + 8 * s, 8);
         }
-        mbar_init(bar_kraw, 128);
-        mbar_init(bar_kraw + 8, 128);
+        mbar_init(bar_kraw, 1);
+        mbar_init(bar_kraw + 8, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if constexpr (Tr::kFused) {
         // Entries are clamped: a corrupt plan gives wrong numbers, never a stray access.
@@ -264,20 +278,11 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
     if (wg == 0) {
         // ================= producer =================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
-        const T* kg = static_cast<const T*>(p.k) + (long long)b * p.k_batch_stride + (long long)hk * p.k_head_stride;
-        const T* vg = static_cast<const T*>(p.v) + (long long)b * p.v_batch_stride + (long long)hk * p.v_head_stride;
-        const long long ks = p.k_row_stride, vs = p.v_row_stride;
         auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
         auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
-
-        // V tile j (MN-major operand) and K tile j (G = 1, K-major operand)
-        // into stage s: 128-byte-swizzle regions, zero rows past the end.
-        auto load_v = [&](int j, int s) {
-            load_sw128<D, BN>(stage_v(s), vg + (long long)(j * BN) * vs, vs, n_kv - j * BN, lt);
-        };
-        auto load_k = [&](int j, int s) {
-            load_sw128<D, BN>(stage_k(s), kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
-        };
+        // Producer thread 0 issues every copy (TMA); it fences first, since the
+        // buffer was last read through the generic proxy (ldmatrix, raw Q).
+        const bool leader = lt == 0;
 
         if constexpr (Tr::kFused) {
             // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; buffers i):
@@ -287,11 +292,15 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             // group t, 8 keys per 16-byte load, into region i of the stage's
             // MN-major 128-byte-swizzle B operand (row t at t*128).
             const uint32_t kraw = sbase + Tr::kOffKraw, kt = sbase + Tr::kOffKT;
-            auto load_kraw = [&](int half) {
-                if constexpr (!(kAblate & 2))
-                    load_sw128<D, HN>(kraw + (half & 1) * Tr::kHalfBytes, kg + (long long)(half * HN) * ks, ks,
-                                      n_kv - half * HN, lt);
-                cp_async_mbar_arrive_noinc(bar_kraw + 8 * (half & 1));
+            auto load_kraw = [&](int half) {   // leader only
+                const uint32_t bar = bar_kraw + 8 * (half & 1);
+                if constexpr (kAblate & 2) {
+                    mbar_arrive(bar);
+                } else {
+                    fence_proxy_async();
+                    mbar_arrive_expect_tx(bar, Tr::kHalfBytes);
+                    tma_tile<D, HN>(kraw + (half & 1) * Tr::kHalfBytes, maps.k, half * HN, hk, b, bar);
+                }
             };
             // Warp tw, step i: the 8x8 blocks of keys a*8.. (a = 2 tw + i / (D/32))
             // and columns c*8.. (c = (i % (D/32)) * 4 + m), lane = (m, r): row r
@@ -429,7 +438,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             // the other K^T buffer are free), issue the raw half two ahead,
             // fuse. The barrier also orders this fuse's K^T reads before the
             // transpose two half tiles later.
-            if (n_tiles > 0) {
+            if (leader && n_tiles > 0) {
                 load_kraw(0);
                 load_kraw(1);
             }
@@ -456,15 +465,18 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                     if constexpr (!(kAblate & 1)) transpose(half);
                     named_bar(1, 128);
                     c_xpose.stop();
-                    if (j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
+                    if (leader && j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
                     if (half == 0) {
                         c_empty.start();
                         if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
                         // The last stage holds raw Q until the consumers' Qhat builds are done.
                         if (Tr::kQrawAlias && j == S - 1) named_bar(4, kHThreads);
                         c_empty.stop();
-                        load_v(j, s);
-                        cp_async_mbar_arrive(bar_full + 8 * s);
+                        if (leader) {
+                            fence_proxy_async();
+                            mbar_expect_tx(bar_full + 8 * s, Tr::kVBytes);
+                            tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
+                        }
                     }
                     c_fuse.start();
                     if constexpr (!(kAblate & 1)) fuse(half, s);
@@ -483,28 +495,28 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             tiles.acc = n_tiles;
             tiles.flush(7, lt == 0);
         } else {
-            // G = 1: K_j and V_j into stage s; their completion is the stage's
-            // 128 arrivals, so the producer only waits for free stages.
+            // G = 1: thread 0 copies K_j and V_j into stage s as soon as it is free.
             constexpr bool kProf = kAblate & 16;
             HClock<kProf> c_all, c_empty;
             c_all.start();
-            for (int j = 0; j < n_tiles; ++j) {
-                const int s = j % S;
-                c_empty.start();
-                if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
-                c_empty.stop();
-                load_k(j, s);
-                load_v(j, s);
-                cp_async_mbar_arrive_noinc(bar_full + 8 * s);
+            if (leader) {
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int s = j % S;
+                    c_empty.start();
+                    if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
+                    c_empty.stop();
+                    mbar_arrive_expect_tx(bar_full + 8 * s, Tr::kStageBytes);
+                    tma_tile<D, BN>(stage_k(s), maps.k, j * BN, hk, b, bar_full + 8 * s);
+                    tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
+                }
             }
             c_all.stop();
-            c_all.flush(0, lt == 0);
-            c_empty.flush(3, lt == 0);
+            c_all.flush(0, leader);
+            c_empty.flush(3, leader);
             HClock<kProf> tiles;
             tiles.acc = n_tiles;
-            tiles.flush(7, lt == 0);
+            tiles.flush(7, leader);
         }
-        cp_async_wait_all();
     } else {
         // ================= consumers =================
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::kConsumerRegs));
@@ -602,10 +614,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
         };
 
-        // kAblate bit 3: the warpgroups take turns for P_j V_j .. S_{j+1}
-        // (named barrier 5 + cw: this warpgroup's turn; warpgroup 0 first).
-        constexpr bool kTurns = kAblate & 8;
-        if (kTurns && cw == 1 && n_tiles > 0) named_bar_arrive(5, 256);
         HClock<(kAblate & 16) != 0> c_all, c_full;
         c_all.start();
         for (int j = 0; j < n_tiles; ++j) {
@@ -615,9 +623,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             c_full.start();
             mbar_wait(bar_full + 8 * s, (j / S) & 1);
             c_full.stop();
-            // K (G = 1) and V were written by cp.async (generic proxy) and are
-            // read by wgmma (async proxy).
-            fence_proxy_async();
 
             // ---- S = Qhat Khat^T ----
             float acc_s[BN / 2];
@@ -633,7 +638,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 }
             }
             wgmma_commit();
-            if (kTurns && j > 0) named_bar_arrive(5 + (cw ^ 1), 256);
             wgmma_wait<0>();
             fence_regs(acc_s);
 
@@ -697,7 +701,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
                 pf[kk][2] = Nm::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
                 pf[kk][3] = Nm::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
             }
-            if (kTurns) named_bar(5 + cw, 256);
             wgmma_fence();
             issue_pv(j);
             wgmma_commit();
@@ -705,7 +708,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             fence_regs(acc_o);
             if (lane == 0) mbar_arrive(bar_empty + 8 * s);
         }
-        if (kTurns && cw == 0 && n_tiles > 0) named_bar_arrive(6, 256);
         c_all.stop();
         c_all.flush(5, tid == 128);
         c_full.flush(6, tid == 128);
@@ -761,7 +763,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 #endif
 
 #if DA_HOPPER
-#define DA_HBODY(G) da::hfwd_body<DA_T, DA_HEAD_DIM, G>(p);
+#define DA_HBODY(G) da::hfwd_body<DA_T, DA_HEAD_DIM, G>(p, maps);
 #else
 #define DA_HBODY(G)
 #endif
@@ -770,8 +772,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 // da_hfwd_<dtype>_d<D>_g<G>_smem (read by the driver).
 #define DA_HFWD(G)                                                                                          \
     extern "C" __global__ void __launch_bounds__(da::kHThreads, 1)                                         \
-        DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G)(const __grid_constant__ \
-                                                                                   FwdParams p) {         \
+        DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G)(                        \
+            const __grid_constant__ FwdParams p, const __grid_constant__ HTmaMaps maps) {                      \
         DA_HBODY(G)                                                                                         \
     }                                                                                                       \
     extern "C" __device__ int DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G##_smem) = \

@@ -1,18 +1,18 @@
 // Stage-removal timing and cross-version check of the Hopper kernel, bf16,
 // outside the Rust engine (the same FwdParams, grid and shared memory as the
-// engine's launch). One binary per head dim links three versions (each
+// engine's launch). One binary per head dim links four versions (each
 // hstage_k.cu compiled with its namespace renamed): "v2" (the frozen copy
-// beside this file, the reference of `check`), "old" (kernels/hfwd.cu at
-// build.sh's OLD revision) and "new" (kernels/hfwd.cu as checked out).
+// beside this file, the reference of `check`), "old" and "mid"
+// (kernels/hfwd.cu at build.sh's OLD and MID revisions) and "new"
+// (kernels/hfwd.cu as checked out).
 //
 //   build.sh here (nvcc, sm_90a; see it for the flags), device.sh on the GPU:
-//   ./hstage check [X]   # new (kAblate X: 0 or 8) against v2 on small cases with tails
-//   ./hstage time        # new vs old per (G, kAblate), interleaved launches; TFLOP/s
+//   ./hstage check       # new against v2 on small cases with tails (G = 1, 2, 4, 8)
+//   ./hstage time        # new vs old vs mid per (G, kAblate), interleaved launches; TFLOP/s
 //   ./hstage prof        # new's cycle counters (kAblate bit 4) per tile
 //
 // kAblate (see hfwd_body): bit 0 no transpose/fuse of Khat (stale Khat), bit 1
-// no raw-K loads, bit 2 no softmax (P = S), bit 3 (new only) the consumer
-// warpgroups take turns for their GEMMs, bit 4 (new only) cycle counters.
+// no raw-K loads, bit 2 no softmax (P = S), bit 4 (new only) cycle counters.
 // Versions ignore bits they lack. Ablated outputs (bits 0-2) are meaningless.
 #include <algorithm>
 #include <cmath>
@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include "common.cuh"
@@ -40,16 +41,19 @@ using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM;
 
 namespace hs_v2 {
-bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
 }
 namespace hs_old {
-bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
+}
+namespace hs_mid {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
 }
 namespace hs_new {
-bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st);
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
 bool prof(unsigned long long* out, bool reset);
 }
-using LaunchFn = bool (*)(int, int, const FwdParams&, dim3, cudaStream_t);
+using LaunchFn = bool (*)(int, int, const FwdParams&, const HTmaMaps&, dim3, cudaStream_t);
 __global__ void fill(T* x, size_t n, uint32_t seed) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 2654435761u ^ seed;
@@ -66,7 +70,26 @@ struct Problem {
     T *q, *k, *v, *o;
     uint16_t* plan;
     FwdParams p;
+    HTmaMaps maps;
 };
+
+// The engine's TMA descriptor (cuda-driver/src/engine.rs, tma_desc): the 4-D
+// tensor (d, n, head, batch) of 16-bit elements, 64 x 64 boxes, 128-byte swizzle.
+static TmaDesc tma_desc(const void* base, int B, int N, int H, long long bs, long long rs, long long hs) {
+    TmaDesc m;
+    const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)rs * 2, (cuuint64_t)hs * 2, (cuuint64_t)bs * 2};
+    const cuuint32_t box[4] = {64, 64, 1, 1}, estr[4] = {1, 1, 1, 1};
+    const CUresult r = cuTensorMapEncodeTiled(reinterpret_cast<CUtensorMap*>(&m), CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
+                                              const_cast<void*>(base), dims, strides, box, estr,
+                                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "cuTensorMapEncodeTiled: error %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
 
 static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     Problem pr{B, H, N, causal};
@@ -98,6 +121,8 @@ static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     p.q_len = p.kv_len = N, p.q_heads = H, p.heads_per_kv = 1, p.num_blocks = nblk, p.batch_offset = 0;
     p.scale_log2 = 1.4426950408889634f / sqrtf((float)D);
     p.causal = causal, p.sample = 0, p.out_f32 = 0, p.head_map_len = 0;
+    pr.maps.k = tma_desc(pr.k, B, N, H, bs, rs, D);
+    pr.maps.v = tma_desc(pr.v, B, N, H, bs, rs, D);
     return pr;
 }
 
@@ -111,7 +136,7 @@ static void free_problem(Problem& pr) {
 
 static void launch(LaunchFn f, int g, int x, const Problem& pr) {
     dim3 grid(pr.p.num_blocks, pr.H, pr.B);
-    if (!f(g, x, pr.p, grid, 0)) {
+    if (!f(g, x, pr.p, pr.maps, grid, 0)) {
         fprintf(stderr, "variant G=%d X=%d not built\n", g, x);
         exit(1);
     }
@@ -121,18 +146,18 @@ static double flops(const Problem& pr) {
     return 4.0 * pr.B * pr.H * (double)pr.N * pr.N * D * (pr.causal ? 0.5 : 1.0);
 }
 
-// new and old alternately, 5 launches each per round, 8 rounds after 3
+// new, old and mid in turn, 5 launches each per round, 8 rounds after 3
 // warm-ups each; medians of the 40 event-timed launches per version.
 static void row_ab(const char* what, int g, int x, const Problem& pr) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    LaunchFn fs[2] = {hs_new::launch, hs_old::launch};
-    std::vector<float> ms[2];
-    for (int v = 0; v < 2; ++v)
+    LaunchFn fs[3] = {hs_new::launch, hs_old::launch, hs_mid::launch};
+    std::vector<float> ms[3];
+    for (int v = 0; v < 3; ++v)
         for (int i = 0; i < 3; ++i) launch(fs[v], g, x, pr);
     for (int round = 0; round < 8; ++round)
-        for (int v = 0; v < 2; ++v)
+        for (int v = 0; v < 3; ++v)
             for (int i = 0; i < 5; ++i) {
                 CK(cudaEventRecord(a));
                 launch(fs[v], g, x, pr);
@@ -142,14 +167,16 @@ static void row_ab(const char* what, int g, int x, const Problem& pr) {
                 CK(cudaEventElapsedTime(&t, a, b));
                 ms[v].push_back(t);
             }
-    double med[2];
-    for (int v = 0; v < 2; ++v) {
+    double med[3];
+    for (int v = 0; v < 3; ++v) {
         std::sort(ms[v].begin(), ms[v].end());
         med[v] = ms[v][ms[v].size() / 2];
     }
-    printf("%-30s D=%d G=%d X=%2d causal=%d  new %7.3f ms %6.1f TF/s | old %7.3f ms %6.1f TF/s | new/old %.3f\n",
-           what, D, g, x, (int)pr.causal, med[0], flops(pr) / med[0] / 1e9, med[1], flops(pr) / med[1] / 1e9,
-           med[1] / med[0]);
+    const double f = flops(pr) / 1e9;
+    printf("%-28s D=%d G=%d X=%d causal=%d  new %7.3f ms %6.1f | old %7.3f ms %6.1f | mid %7.3f ms %6.1f TF/s | "
+           "new/old %.3f new/mid %.3f\n",
+           what, D, g, x, (int)pr.causal, med[0], f / med[0], med[1], f / med[1], med[2], f / med[2], med[1] / med[0],
+           med[2] / med[0]);
     CK(cudaEventDestroy(a));
     CK(cudaEventDestroy(b));
 }
@@ -199,8 +226,8 @@ static void all_outputs(LaunchFn f, int x, std::vector<std::vector<T>>& outs) {
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "time";
     if (mode == "check") {
-        // new (kAblate X) against v2 (X = 0), element by element.
-        const int x = argc > 2 ? atoi(argv[2]) : 0;
+        // new against v2, element by element.
+        const int x = 0;
         std::vector<std::vector<T>> outs, refs;
         all_outputs(hs_new::launch, x, outs);
         all_outputs(hs_v2::launch, 0, refs);
@@ -236,21 +263,17 @@ int main(int argc, char** argv) {
         if (mode == "prof") {
             row_prof("G=1", 1, 0, pr);
             row_prof("G=2", 2, 0, pr);
-            row_prof("G=2 turns", 2, 8, pr);
             row_prof("G=2 no softmax", 2, 4, pr);
             row_prof("G=4", 4, 0, pr);
             row_prof("G=8", 8, 0, pr);
         } else {
             row_ab("G=1", 1, 0, pr);
-            row_ab("G=1 turns (old: as X=0)", 1, 8, pr);
             row_ab("G=2+plan full", 2, 0, pr);
-            row_ab("G=2 turns (old: as X=0)", 2, 8, pr);
             row_ab("G=2 no Khat fuse", 2, 1, pr);
             row_ab("G=2 no fuse, no raw-K loads", 2, 3, pr);
             row_ab("G=2 no softmax", 2, 4, pr);
             row_ab("G=2 V loads + GEMMs only", 2, 7, pr);
             row_ab("G=4+plan full", 4, 0, pr);
-            row_ab("G=4 turns (old: as X=0)", 4, 8, pr);
             row_ab("G=4 no Khat fuse", 4, 1, pr);
             row_ab("G=8+plan full", 8, 0, pr);
         }

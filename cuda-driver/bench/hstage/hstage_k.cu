@@ -11,9 +11,15 @@ using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM;
 
 template <int G, int X>
-__global__ void __launch_bounds__(da::kHThreads, 1) hkern(const __grid_constant__ FwdParams p) {
+__global__ void __launch_bounds__(da::kHThreads, 1)
+    hkern(const __grid_constant__ FwdParams p, const __grid_constant__ HTmaMaps maps) {
 #if DA_HOPPER
+#if HS_TMA
+    da::hfwd_body<T, D, G, X>(p, maps);
+#else
+    (void)maps;
     da::hfwd_body<T, D, G, X>(p);
+#endif
 #endif
 }
 
@@ -27,39 +33,38 @@ __global__ void __launch_bounds__(da::kHThreads, 1) hkern(const __grid_constant_
     } while (0)
 
 template <int G, int X>
-static void launch_t(const FwdParams& p, dim3 grid, cudaStream_t st) {
+static void launch_t(const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st) {
     constexpr int smem = da::HTraits<D, G>::kSmem;
     static bool once = false;
     if (!once) {
         HCK(cudaFuncSetAttribute(hkern<G, X>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         once = true;
     }
-    hkern<G, X><<<grid, da::kHThreads, smem, st>>>(p);
+    hkern<G, X><<<grid, da::kHThreads, smem, st>>>(p, m);
     HCK(cudaGetLastError());
 }
 
 template <int G>
-static bool launch_g(int x, const FwdParams& p, dim3 grid, cudaStream_t st) {
+static bool launch_g(int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st) {
     switch (x) {
-        case 0: launch_t<G, 0>(p, grid, st); return true;
-        case 1: launch_t<G, 1>(p, grid, st); return true;
-        case 3: launch_t<G, 3>(p, grid, st); return true;
-        case 4: launch_t<G, 4>(p, grid, st); return true;
-        case 7: launch_t<G, 7>(p, grid, st); return true;
-        case 8: launch_t<G, 8>(p, grid, st); return true;
-        case 16: launch_t<G, 16>(p, grid, st); return true;
-        case 24: launch_t<G, 24>(p, grid, st); return true;
+        case 0: launch_t<G, 0>(p, m, grid, st); return true;
+        case 1: launch_t<G, 1>(p, m, grid, st); return true;
+        case 3: launch_t<G, 3>(p, m, grid, st); return true;
+        case 4: launch_t<G, 4>(p, m, grid, st); return true;
+        case 7: launch_t<G, 7>(p, m, grid, st); return true;
+        case 16: launch_t<G, 16>(p, m, grid, st); return true;
+        case 20: launch_t<G, 20>(p, m, grid, st); return true;
         default: return false;
     }
 }
 
 // Launches hfwd_body<bf16, D, g, x>; false for an (g, x) not built.
-bool launch(int g, int x, const FwdParams& p, dim3 grid, cudaStream_t st) {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st) {
     switch (g) {
-        case 1: return launch_g<1>(x, p, grid, st);
-        case 2: return launch_g<2>(x, p, grid, st);
-        case 4: return launch_g<4>(x, p, grid, st);
-        case 8: return launch_g<8>(x, p, grid, st);
+        case 1: return launch_g<1>(x, p, m, grid, st);
+        case 2: return launch_g<2>(x, p, m, grid, st);
+        case 4: return launch_g<4>(x, p, m, grid, st);
+        case 8: return launch_g<8>(x, p, m, grid, st);
         default: return false;
     }
 }
