@@ -680,7 +680,8 @@ fn tma_desc(t: &RawTensor) -> Option<TmaDesc> {
         }
     };
     let dims = [l.dim as u64, l.seq as u64, l.heads as u64, l.batch as u64];
-    let strides = [stride(l.seq, l.stride_seq)?, stride(l.heads, l.stride_head)?, stride(l.batch, l.stride_batch)?];
+    let strides =
+        [stride(l.seq, l.stride_seq)?, stride(l.heads, l.stride_head)?, stride(l.batch, l.stride_batch)?];
     let boxes = [64u32, 64, 1, 1];
     let element_strides = [1u32; 4];
     let mut map = TmaDesc([0; 16]);
