@@ -39,8 +39,20 @@ struct FwdParams {
     uint16_t head_map[DA_HEAD_MAP_MAX];
 };
 
+// The Hopper kernel's second parameter: TMA descriptors (CUtensorMap, from
+// the driver's cuTensorMapEncodeTiled) of K and V as 4-D tensors (d, n,
+// kv_head, batch) of 16-bit elements, boxes of 64 x 64 (d x n), 128-byte
+// swizzle, zero fill past the ends.
+struct alignas(64) TmaDesc {
+    unsigned long long opaque[16];
+};
+struct HTmaMaps {
+    TmaDesc k, v;
+};
+
 static_assert(sizeof(PlanParams) == 80, "PlanParams layout (cuda-driver/src/params.rs)");
 static_assert(sizeof(FwdParams) == 704, "FwdParams layout (cuda-driver/src/params.rs)");
+static_assert(sizeof(HTmaMaps) == 256, "HTmaMaps layout (cuda-driver/src/params.rs)");
 
 namespace da {
 

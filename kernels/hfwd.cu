@@ -5,29 +5,28 @@
 // (G = 1, which never reads a plan).
 //
 // One CTA (3 warpgroups, 384 threads) per (128 query rows, head, batch):
-//   warpgroup 0, producer: cp.async loads of K and V tiles (BN = 128 keys);
-//       G = 1: K goes straight into the wgmma layout; G > 1: K lands in the
-//       same swizzled layout (16-byte copies), is transposed into K^T
-//       (ldmatrix + stmatrix.trans) and the producer builds Khat^T[t][n] = sum
-//       of the group's K^T rows, 8 keys per 16-byte load (f32, rounded once to
-//       T; G = 2 with T's own add, which is the same single rounding), into
-//       an MN-major operand.
+//   warpgroup 0, producer: its thread 0 loads K and V tiles (BN = 128 keys)
+//       by TMA (descriptors from the engine: HTmaMaps, common.cuh); G = 1: K
+//       lands straight in the wgmma layout; G > 1: raw K lands, in half tiles
+//       of 64 keys prefetched two ahead, in the same swizzled layout, the
+//       warpgroup transposes it into K^T (ldmatrix + stmatrix.trans) and builds
+//       Khat^T[t][n] = sum of the group's K^T rows, 8 keys per 16-byte load
+//       (f32, rounded once to T; G = 2 with T's own add, which is the same
+//       single rounding), into an MN-major operand.
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
 //       O += P V (wgmma, P from registers, V transposed from shared memory).
-// Stages (3 at D = 128, 4 at D = 64): full[s] (producer -> consumers: 128
-// producer arrivals after their copies completed, Khat written and
-// fence.proxy.async), empty[s] (consumers -> producer: one arrival per
-// consumer warp after its wgmma reads finished).
+// Stages (3 or 4, HTraits::S): full[s] (producer -> consumers: the TMA bytes
+// of the stage plus, for G > 1, 128 producer arrivals after Khat was written
+// and fenced with fence.proxy.async), empty[s] (consumers -> producer: one
+// arrival per consumer warp after its wgmma reads finished).
 //
 // Shared-memory operands:
 //   Tiles loaded from global memory (Q for G = 1, K, V) use the
 //   128-byte-swizzle layouts, one region per 64 columns: row r's 16-byte
-//   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16). Each thread copies
-//   whole rows' chunks, so a warp reads full 128-byte lines from L2 and writes
-//   conflict-free (v1 used the no-swizzle layout with 8 rows x 64 bytes per
-//   warp copy: half lines, L2-bound at 90% of its throughput).
+//   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16) (TMA's 128-byte
+//   swizzle of 64 x 64 boxes; Q by cp.async, whole 128-byte rows per warp).
 //     K-major (Q, K): start + 32 bytes per k-step of 16, next region per 4
 //       k-steps; SBO = 1024 (8 rows), swizzle mode 1.
 //     MN-major (V, Khat^T; the reduction dim is the row): start + 2048 bytes
@@ -58,36 +57,49 @@ namespace da {
 
 constexpr int kHThreads = 384;
 
+#ifdef DA_HSTAGE
+__device__ unsigned long long hprof[8];   // hstage's cycle counters (kAblate bit 4), summed over CTAs
+#endif
+
 template <int D, int G>
 struct HTraits {
     static constexpr int BM = 128, BN = 128, WM = 64;
+    static constexpr int HN = 64;                     // keys per raw-K half tile (G > 1)
     static constexpr bool kFused = G > 1;
     static constexpr int DG = D / G;
     static constexpr int KW = (DG + 15) / 16 * 16;   // reduction width of S, padded to wgmma's k
     static constexpr int KC = kFused ? KW : D;        // columns of the S operands
-    // Stages of (K or Khat, V): 3 (D = 128) or 4 (D = 64); G > 1 fits 3 at
-    // D = 128 because raw Q (read once, by the consumers' Qhat build) and K^T
-    // (written by the producer from its first transpose on) share one region.
-    static constexpr int S = D == 128 ? 3 : 4;
-    static constexpr int kPitchKT = 2 * BN + 16;      // K^T rows (one per column of K), 16-byte pad
     static constexpr int kPitchQraw = 2 * D + 16;
     static constexpr int kKBytes = BN * KC * 2;
     static constexpr int kVBytes = BN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
-    static constexpr int kOffBar = 0;                 // full[S], empty[S]
-    static constexpr int kOffOff = 128;               // sigma as byte offsets, D x u32
+    static constexpr int kOffBar = 0;                 // full[S], empty[S], kraw_full[2]
+    static constexpr int kOffOff = 256;               // sigma as byte offsets into a raw Q row, D x u32
+    static constexpr int kOffKTOff = kOffOff + 4 * D; // sigma as K^T row offsets (with swizzle), D x u16
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
-    // G > 1 only: raw K, then K^T aliased with raw Q.
+    // G > 1 only: two raw-K half tiles (64 keys, 128-byte swizzle as G = 1's K)
+    // and two K^T half tiles (one 128-byte row of 64 keys per column of K,
+    // chunks XOR-swizzled by column % 8).
+    static constexpr int kHalfBytes = HN * D * 2;
     static constexpr int kOffKraw = kOffQ + BM * KC * 2;
-    static constexpr int kKrawBytes = BN * D * 2;     // raw K tile, 128-byte swizzle (as G = 1's K)
-    static constexpr int kOffKT = kOffKraw + (kFused ? kKrawBytes : 0);
-    static constexpr int kOffQraw = kOffKT;
-    static constexpr int kKTBytes =
-        ((D * kPitchKT > BM * kPitchQraw ? D * kPitchKT : BM * kPitchQraw) + 1023) / 1024 * 1024;
-    static constexpr int kOffStage = kOffKT + (kFused ? kKTBytes : 0);
-    static constexpr int kSmem = kOffStage + S * kStageBytes;
-    static_assert(kSmem <= 227 * 1024, "shared memory");
-    static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "swizzle atoms");
+    static constexpr int kOffKT = kOffKraw + (kFused ? 2 * kHalfBytes : 0);
+    static constexpr int kOffStage = kOffKT + (kFused ? 2 * kHalfBytes : 0);
+    // Stages of (K or Khat, V): as many as fit, at most 4 (3 at D = 128 for
+    // G = 1, 2, 4).
+    static constexpr int kFit = (227 * 1024 - kOffStage) / kStageBytes;
+    static constexpr int S = kFit < 4 ? kFit : 4;
+    // G > 1: raw Q (read once, by the consumers' Qhat build) follows the
+    // stages where it fits (D = 64); otherwise (D = 128) it aliases the last
+    // stage, which the producer then first writes at tile S - 1, after barrier 4.
+    static constexpr int kQrawBytes = BM * kPitchQraw;
+    static constexpr bool kQrawAlias = kFused && kOffStage + S * kStageBytes + kQrawBytes > 227 * 1024;
+    static constexpr int kOffQraw = kOffStage + (kQrawAlias ? (S - 1) * kStageBytes : S * kStageBytes);
+    static constexpr int kSmem = kOffStage + S * kStageBytes + (kFused && !kQrawAlias ? kQrawBytes : 0);
+    static_assert(S >= 3 && kSmem <= 227 * 1024, "shared memory");
+    static_assert(!kQrawAlias || (kQrawBytes <= kStageBytes && KW == DG), "raw Q fits in a stage with no Khat pad");
+    static_assert(kOffKTOff + 2 * D <= kOffQ && 8 * (2 * S + 2) <= kOffOff, "barriers and tables");
+    static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0 && kHalfBytes % 1024 == 0,
+                  "swizzle atoms");
     static_assert(DG % 8 == 0, "Khat is written in 8-column blocks");
     // setmaxnreg: consumers grow only by what the producer released in this
     // CTA (launch cap 168): 128 * (168 - 56) = 256 * (224 - 168).
@@ -131,6 +143,34 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// TMA: the barrier's phase also waits for `bytes` of copies (with or without
+// this thread's arrival); a 64 x 64 box (d x n) of a tensor map into shared
+// memory (128-byte swizzle: 64 rows of 128 bytes), completing on `bar`.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void tma_box(uint32_t dst, const TmaDesc& map, int d0, int n0, int hk, int b, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(&map)), "r"(d0), "r"(n0), "r"(hk), "r"(b), "r"(bar)
+        : "memory");
+}
+// ROWS keys from n0 in the 128-byte-swizzle layout of load_sw128 (one region
+// of ROWS * 128 bytes per 64 columns): ROWS * D * 2 bytes on `bar`.
+template <int D, int ROWS>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const TmaDesc& map, int n0, int hk, int b, uint32_t bar) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+#pragma unroll
+        for (int r = 0; r < ROWS / 64; ++r) tma_box(dst + c * (ROWS * 128) + r * (64 * 128), map, c * 64, n0 + r * 64, hk, b, bar);
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Descriptor of a canonical layout at shared address `addr` (swizzle mode:
 // 0 none, 1 128-byte).
@@ -160,39 +200,44 @@ __device__ __forceinline__ void load_sw128(uint32_t dst, const T* src, long long
     }
 }
 
-// Sum of a group's values, rounded once to T (as fwd.cu's group_sum).
-template <typename T, int G>
-__device__ __forceinline__ T hgroup_sum(const T (&e)[G]) {
-    if constexpr (G == 2) {
-        return __hadd(e[0], e[1]);
-    } else {
-        float f[G];
-#pragma unroll
-        for (int i = 0; i < G; ++i) f[i] = Num<T>::to_float(e[i]);
-#pragma unroll
-        for (int w = 1; w < G; w *= 2)
-#pragma unroll
-            for (int i = 0; i < G; i += 2 * w) f[i] += f[i + w];
-        return Num<T>::from_float(f[0]);
-    }
-}
-
 __device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+// Cycle counter of one thread (kAblate bit 4 only; empty otherwise).
+template <bool kOn>
+struct HClock {
+    uint32_t acc = 0, t0 = 0;
+    __device__ __forceinline__ void start() {
+        if constexpr (kOn) t0 = (uint32_t)clock();
+    }
+    __device__ __forceinline__ void stop() {
+        if constexpr (kOn) acc += (uint32_t)clock() - t0;
+    }
+    __device__ __forceinline__ void flush(int i, bool who) {
+#ifdef DA_HSTAGE
+        if constexpr (kOn)
+            if (who) atomicAdd(&hprof[i], (unsigned long long)acc);
+#endif
+    }
+};
 
 // kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
 // bit 0 the producer skips the transpose and Khat (Khat stale), bit 1 it skips
-// the raw-K loads, bit 2 the consumers skip the softmax (P = S).
+// the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 4
+// cycle counters of producer thread 0 and consumer thread 128 into hprof
+// (bit 3, the consumers taking turns for P_j V_j .. S_{j+1} with named
+// barriers, measured 2-24% slower and was removed: kernels/NOTES.md).
 template <typename T, int D, int G, int kAblate = 0>
-__device__ __forceinline__ void hfwd_body(const FwdParams& p) {
+__device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& maps) {
     using Tr = HTraits<D, G>;
     using Nm = Num<T>;
-    constexpr int BM = Tr::BM, BN = Tr::BN, S = Tr::S, KC = Tr::KC, DG = Tr::DG;
+    constexpr int BM = Tr::BM, BN = Tr::BN, HN = Tr::HN, S = Tr::S, KC = Tr::KC, DG = Tr::DG;
     constexpr bool kBf16 = Nm::kBf16;
 
     extern __shared__ __align__(1024) unsigned char smem[];
     const uint32_t sbase = smem_addr(smem);
-    const uint32_t bar_full = sbase + Tr::kOffBar, bar_empty = bar_full + 8 * S;
+    const uint32_t bar_full = sbase + Tr::kOffBar, bar_empty = bar_full + 8 * S, bar_kraw = bar_empty + 8 * S;
     uint32_t* s_off = reinterpret_cast<uint32_t*>(smem + Tr::kOffOff);
+    uint16_t* s_ktoff = reinterpret_cast<uint16_t*>(smem + Tr::kOffKTOff);
 
     const int tid = threadIdx.x;
     const int wg = tid / 128, lt = tid % 128;
@@ -208,178 +253,269 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
     const int n_tiles = (kv_end + BN - 1) / BN;
 
     if (tid == 0) {
+        // full[s]: G = 1 producer thread 0's arrival with the K/V copies' bytes;
+        // G > 1 the 128 producer arrivals after Khat, with V's bytes. empty[s]:
+        // one arrival per consumer warp. kraw[i]: the copy of a raw-K half tile.
         for (int s = 0; s < S; ++s) {
-            mbar_init(bar_full + 8 * s, 128);
+            mbar_init(bar_full + 8 * s, Tr::kFused ? 128 : 1);
             mbar_init(bar_empty + 8 * s, 8);
         }
+        mbar_init(bar_kraw, 1);
+        mbar_init(bar_kraw + 8, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if constexpr (Tr::kFused) {
         // Entries are clamped: a corrupt plan gives wrong numbers, never a stray access.
         const uint16_t* perm = p.plan + (((long long)b * p.q_heads + h) * nblk + mblk) * D;
-        for (int j = tid; j < D; j += kHThreads) s_off[j] = 2 * min((int)perm[j], D - 1);
+        for (int j = tid; j < D; j += kHThreads) {
+            const int c = min((int)perm[j], D - 1);
+            s_off[j] = 2 * c;
+            s_ktoff[j] = (uint16_t)(c * 128 + ((c % 8) << 4));
+        }
     }
     __syncthreads();
 
     if (wg == 0) {
         // ================= producer =================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
-        const T* kg = static_cast<const T*>(p.k) + (long long)b * p.k_batch_stride + (long long)hk * p.k_head_stride;
-        const T* vg = static_cast<const T*>(p.v) + (long long)b * p.v_batch_stride + (long long)hk * p.v_head_stride;
-        const long long ks = p.k_row_stride, vs = p.v_row_stride;
         auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
         auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
-
-        // V tile j (MN-major operand) and K tile j (G = 1, K-major operand)
-        // into stage s: 128-byte-swizzle regions, zero rows past the end.
-        auto load_v = [&](int j, int s) {
-            load_sw128<D, BN>(stage_v(s), vg + (long long)(j * BN) * vs, vs, n_kv - j * BN, lt);
-        };
-        auto load_k = [&](int j, int s) {
-            load_sw128<D, BN>(stage_k(s), kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
-        };
-        // G > 1, per tile: raw K (128-byte swizzle, as G = 1's K) -> K^T (one
-        // padded row of 128 keys per column of K; ldmatrix + stmatrix.trans,
-        // conflict-free both ways) -> Khat^T[t][n] = sum of K^T's rows of group
-        // t, 8 keys per 16-byte load, into the stage's MN-major
-        // 128-byte-swizzle B operand (one region per 64 keys, row t at t*128).
-        const uint32_t kraw = sbase + Tr::kOffKraw, kt = sbase + Tr::kOffKT;
-        auto load_kraw = [&](int j) {
-            if constexpr (!(kAblate & 2)) load_sw128<D, BN>(kraw, kg + (long long)(j * BN) * ks, ks, n_kv - j * BN, lt);
-        };
-        // Warp pw, step i: 8x8 blocks of keys a*8.. (a = pw * (BN/32) + i / (D/32)),
-        // columns c*8.. (c = (i % (D/32)) * 4 + m), lane = (m, r): row r of
-        // matrix m. Addresses = per-lane base + a compile-time offset (ptxas
-        // would otherwise keep every address live in the producer's 56 registers).
-        // The swizzle term ((c % 8) ^ r) = (m ^ r) ^ (4 * ((i % (D/32)) % 2)).
-        const int tw = lt / 32, tm = (lt % 32) / 8, tr = lt % 8;
-        const uint32_t ld_base0 = kraw + (tw * (BN / 32) * 8 + tr) * 128 + ((tm ^ tr) << 4);
-        const uint32_t ld_base1 = kraw + (tw * (BN / 32) * 8 + tr) * 128 + ((tm ^ tr ^ 4) << 4);
-        const uint32_t st_base = kt + (tm * 8 + tr) * Tr::kPitchKT + tw * (BN / 32) * 16;
-        auto transpose = [&]() {
-            constexpr int kCB = D / 32;   // ldmatrix.x4 per key block
-#pragma unroll
-            for (int i = 0; i < BN / 32 * kCB; ++i) {
-                const int ci = i % kCB, ai = i / kCB;
-                const uint32_t src = ((ci % 2) ? ld_base1 : ld_base0) + ai * 1024 + (ci / 2) * (BN * 128);
-                const uint32_t dst = st_base + ci * 32 * Tr::kPitchKT + ai * 16;
-                uint32_t x0, x1, x2, x3;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                             : "=r"(x0), "=r"(x1), "=r"(x2), "=r"(x3)
-                             : "r"(src));
-                asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(dst),
-                             "r"(x0), "r"(x1), "r"(x2), "r"(x3)
-                             : "memory");
-            }
-        };
-        // Thread lt builds key chunk q = lt % 16 (keys 8q..8q+7) of rows
-        // t = it * 8 + lt / 16 (offsets from s_off: two broadcast addresses per warp).
-        constexpr int kGIt = Tr::kFused ? DG / 8 : 1;
-        auto fuse = [&](int s) {
-            if constexpr (Tr::kFused) {
-                const int q = lt % 16;
-                const uint32_t dst = stage_k(s) + (q / 8) * (Tr::KW * 128);
-                // G = 8: one output chunk at a time (eight 16-byte loads fill the 56 registers).
-#pragma unroll(G >= 8 ? 1 : kGIt)
-                for (int it = 0; it < kGIt; ++it) {
-                    const int t = it * 8 + lt / 16;
-                    uint4 e[G];
-#pragma unroll
-                    for (int i = 0; i < G; ++i)
-                        e[i] = *reinterpret_cast<const uint4*>(smem + Tr::kOffKT + (s_off[t * G + i] / 2) * Tr::kPitchKT +
-                                                               q * 16);
-                    uint32_t o[4];
-                    if constexpr (G == 2) {
-                        // T's own add of pairs: the same single rounding as hgroup_sum.
-                        using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
-                        const uint32_t* x = reinterpret_cast<const uint32_t*>(&e[0]);
-                        const uint32_t* y = reinterpret_cast<const uint32_t*>(&e[1]);
-#pragma unroll
-                        for (int w = 0; w < 4; ++w) {
-                            T2 a2 = *reinterpret_cast<const T2*>(x + w), b2 = *reinterpret_cast<const T2*>(y + w);
-                            T2 c2 = __hadd2(a2, b2);
-                            o[w] = *reinterpret_cast<const uint32_t*>(&c2);
-                        }
-                    } else {
-#pragma unroll
-                        for (int w = 0; w < 4; ++w) {
-                            uint16_t h[2];
-#pragma unroll
-                            for (int hh = 0; hh < 2; ++hh) {
-                                T v[G];
-#pragma unroll
-                                for (int i = 0; i < G; ++i) {
-                                    const uint32_t word = reinterpret_cast<const uint32_t*>(&e[i])[w];
-                                    const uint16_t bits = (uint16_t)(word >> (16 * hh));
-                                    v[i] = *reinterpret_cast<const T*>(&bits);
-                                }
-                                const T sum = hgroup_sum<T, G>(v);
-                                h[hh] = *reinterpret_cast<const uint16_t*>(&sum);
-                            }
-                            o[w] = pack_raw(h[0], h[1]);
-                        }
-                    }
-                    st_shared_v4(dst + t * 128 + (((q % 8) ^ (t % 8)) << 4), o[0], o[1], o[2], o[3]);
-                }
-            }
-        };
+        // Producer thread 0 issues every copy (TMA); it fences first, since the
+        // buffer was last read through the generic proxy (ldmatrix, raw Q).
+        const bool leader = lt == 0;
 
         if constexpr (Tr::kFused) {
-            // Khat^T rows past d/G (padding to wgmma's k) stay zero in every stage.
+            // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; buffers i):
+            // raw K (128-byte swizzle, as G = 1's K) -> K^T (one 128-byte row
+            // of 64 keys per column of K; ldmatrix + stmatrix.trans,
+            // conflict-free both ways) -> Khat^T[t][n] = sum of K^T's rows of
+            // group t, 8 keys per 16-byte load, into region i of the stage's
+            // MN-major 128-byte-swizzle B operand (row t at t*128).
+            const uint32_t kraw = sbase + Tr::kOffKraw, kt = sbase + Tr::kOffKT;
+            auto load_kraw = [&](int half) {   // leader only
+                const uint32_t bar = bar_kraw + 8 * (half & 1);
+                if constexpr (kAblate & 2) {
+                    mbar_arrive(bar);
+                } else {
+                    fence_proxy_async();
+                    mbar_arrive_expect_tx(bar, Tr::kHalfBytes);
+                    tma_tile<D, HN>(kraw + (half & 1) * Tr::kHalfBytes, maps.k, half * HN, hk, b, bar);
+                }
+            };
+            // Warp tw, step i: the 8x8 blocks of keys a*8.. (a = 2 tw + i / (D/32))
+            // and columns c*8.. (c = (i % (D/32)) * 4 + m), lane = (m, r): row r
+            // of matrix m. Addresses = per-lane base + a compile-time offset.
+            // Source swizzle ((c % 8) ^ r) = (m ^ r) ^ (4 * ((i % (D/32)) % 2));
+            // destination row c*8 + r, chunk a ^ r (r = column % 8).
+            const int tw = lt / 32, tm = (lt % 32) / 8, tr = lt % 8;
+            const uint32_t ld_base0 = kraw + (tw * 16 + tr) * 128 + ((tm ^ tr) << 4);
+            const uint32_t ld_base1 = kraw + (tw * 16 + tr) * 128 + ((tm ^ tr ^ 4) << 4);
+            const uint32_t st_base0 = kt + (tm * 8 + tr) * 128 + (((2 * tw) ^ tr) << 4);
+            const uint32_t st_base1 = kt + (tm * 8 + tr) * 128 + (((2 * tw + 1) ^ tr) << 4);
+            // Four ldmatrix before their four stmatrix (no "memory" clobber:
+            // the asm statements keep their order, the barriers around the
+            // transpose order it against the fuse), so the loads overlap.
+            auto transpose = [&](int half) {
+                constexpr int kCB = D / 32, kBatch = 4;   // kCB: ldmatrix.x4 per key block
+                static_assert(2 * kCB % kBatch == 0, "transpose batches");
+#pragma unroll
+                for (int i0 = 0; i0 < 2 * kCB; i0 += kBatch) {
+                    uint32_t x[kBatch][4];
+#pragma unroll
+                    for (int u = 0; u < kBatch; ++u) {
+                        const int ci = (i0 + u) % kCB, ai = (i0 + u) / kCB;
+                        const uint32_t src = ((ci % 2) ? ld_base1 : ld_base0) + half * Tr::kHalfBytes + ai * 1024 +
+                                             (ci / 2) * (HN * 128);
+                        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                                     : "=r"(x[u][0]), "=r"(x[u][1]), "=r"(x[u][2]), "=r"(x[u][3])
+                                     : "r"(src));
+                    }
+#pragma unroll
+                    for (int u = 0; u < kBatch; ++u) {
+                        const int ci = (i0 + u) % kCB, ai = (i0 + u) / kCB;
+                        const uint32_t dst = (ai ? st_base1 : st_base0) + half * Tr::kHalfBytes + ci * 32 * 128;
+                        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                                         dst),
+                                     "r"(x[u][0]), "r"(x[u][1]), "r"(x[u][2]), "r"(x[u][3]));
+                    }
+                }
+            };
+            // Thread lt builds key chunk q = lt % 8 (keys 8q..8q+7 of the half)
+            // of rows t = it * 16 + lt / 8. Its K^T offsets (row of sigma(t*G+i),
+            // chunk q swizzled) are the same for every half tile: two per
+            // register, computed once. Plain loads and stores (no asm), so
+            // ptxas overlaps the iterations' loads.
+            constexpr int kItems = DG * (HN / 8), kGIt = (kItems + 127) / 128, kOffs = kGIt * G;
+            const int q = lt % 8;
+            uint32_t koff[(kOffs + 1) / 2];
+#pragma unroll
+            for (int k = 0; k < (kOffs + 1) / 2; ++k) koff[k] = 0;
+#pragma unroll
+            for (int k = 0; k < kOffs; ++k) {
+                const int t = (k / G) * 16 + lt / 8;
+                const uint32_t o = t < DG ? ((uint32_t)s_ktoff[t * G + k % G] ^ (uint32_t)(q << 4)) : 0u;
+                koff[k / 2] |= o << (16 * (k % 2));
+            }
+            // G = 2: the loads of two rows are issued before their adds (the
+            // compiler cannot move loads of K^T above stores into the stage;
+            // four rows at once spill at D = 128).
+            constexpr int kB2 = kGIt < 2 ? kGIt : 2;
+            auto fuse = [&](int half, int s) {
+                const unsigned char* src = smem + Tr::kOffKT + half * Tr::kHalfBytes;
+                unsigned char* dst = smem + Tr::kOffStage + s * Tr::kStageBytes + half * (Tr::KW * 128);
+                auto load = [&](int k) {
+                    return *reinterpret_cast<const uint4*>(src + ((koff[k / 2] >> (16 * (k % 2))) & 0xFFFFu));
+                };
+                auto store = [&](int it, const uint32_t (&o)[4]) {
+                    const int t = it * 16 + lt / 8;
+                    *reinterpret_cast<uint4*>(dst + t * 128 + ((q ^ (t % 8)) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
+                };
+                if constexpr (G == 2) {
+                    // T's own add of pairs: the same single rounding as fwd.cu's group_sum.
+                    using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+#pragma unroll
+                    for (int it0 = 0; it0 < kGIt; it0 += kB2) {
+                        if (kItems % 128 != 0 && it0 * 16 + lt / 8 >= DG) break;
+                        uint4 e[kB2][2];
+#pragma unroll
+                        for (int u = 0; u < kB2; ++u) {
+                            e[u][0] = load((it0 + u) * 2);
+                            e[u][1] = load((it0 + u) * 2 + 1);
+                        }
+#pragma unroll
+                        for (int u = 0; u < kB2; ++u) {
+                            const uint32_t* x = reinterpret_cast<const uint32_t*>(&e[u][0]);
+                            const uint32_t* y = reinterpret_cast<const uint32_t*>(&e[u][1]);
+                            uint32_t o[4];
+#pragma unroll
+                            for (int w = 0; w < 4; ++w) {
+                                T2 a2 = *reinterpret_cast<const T2*>(x + w), b2 = *reinterpret_cast<const T2*>(y + w);
+                                T2 c2 = __hadd2(a2, b2);
+                                o[w] = *reinterpret_cast<const uint32_t*>(&c2);
+                            }
+                            store(it0 + u, o);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int it = 0; it < kGIt; ++it) {
+                        if (kItems % 128 != 0 && it * 16 + lt / 8 >= DG) break;
+                        // fwd.cu's group_sum: a pairwise f32 tree rounded once to T,
+                        // four members at a time (G = 8: the tree's two halves, summed last).
+                        float part[8];
+#pragma unroll
+                        for (int g4 = 0; g4 < G / 4; ++g4) {
+                            uint4 e[4];
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) e[i] = load(it * G + g4 * 4 + i);
+#pragma unroll
+                            for (int el = 0; el < 8; ++el) {
+                                float f[4];
+#pragma unroll
+                                for (int i = 0; i < 4; ++i) {
+                                    const uint32_t word = reinterpret_cast<const uint32_t*>(&e[i])[el / 2];
+                                    const uint16_t bits = (uint16_t)(word >> (16 * (el % 2)));
+                                    f[i] = Nm::to_float(*reinterpret_cast<const T*>(&bits));
+                                }
+                                const float x = (f[0] + f[1]) + (f[2] + f[3]);
+                                part[el] = g4 == 0 ? x : part[el] + x;
+                            }
+                        }
+                        uint32_t o[4];
+#pragma unroll
+                        for (int w = 0; w < 4; ++w) {
+                            const T lo = Nm::from_float(part[2 * w]), hi = Nm::from_float(part[2 * w + 1]);
+                            o[w] = pack_raw(*reinterpret_cast<const uint16_t*>(&lo), *reinterpret_cast<const uint16_t*>(&hi));
+                        }
+                        store(it, o);
+                    }
+                }
+            };
+            // Raw K is prefetched two half tiles ahead (its copies tracked by
+            // kraw[i]); V_j's copies hold full[s] open by themselves, so the
+            // producer never waits for V. Per half tile i of tile j: wait for
+            // raw K, transpose, one barrier (K^T complete; the raw buffer and
+            // the other K^T buffer are free), issue the raw half two ahead,
+            // fuse. The barrier also orders this fuse's K^T reads before the
+            // transpose two half tiles later.
+            if (leader && n_tiles > 0) {
+                load_kraw(0);
+                load_kraw(1);
+            }
+            // Khat^T rows past d/G (padding to wgmma's k, D = 64, G = 8) stay zero in every stage.
             if constexpr (Tr::KW > DG) {
                 constexpr int kPadChunks = (Tr::KW - DG) * 8;   // 16-byte chunks per region
-                for (int s = 0; s < S; ++s)
-                    for (int i = lt; i < (BN / 64) * kPadChunks; i += 128)
-                        st_shared_v4(stage_k(s) + (i / kPadChunks) * (Tr::KW * 128) + DG * 128 + (i % kPadChunks) * 16,
-                                     0, 0, 0, 0);
+                for (int i = lt; i < S * (BN / 64) * kPadChunks; i += 128) {
+                    const int s = i / ((BN / 64) * kPadChunks), r = i % ((BN / 64) * kPadChunks);
+                    st_shared_v4(stage_k(s) + (r / kPadChunks) * (Tr::KW * 128) + DG * 128 + (r % kPadChunks) * 16,
+                                 0, 0, 0, 0);
+                }
             }
-            // Iteration j: raw K_j and tile j-1's V have landed, tile j-1
-            // (Khat built last iteration) is published; K_j is transposed,
-            // raw K_{j+1} and V_j are issued, and Khat_j is built meanwhile.
-            if (n_tiles > 0) {
-                load_kraw(0);
-                cp_async_commit();
-            }
+            constexpr bool kProf = kAblate & 16;
+            HClock<kProf> c_all, c_kraw, c_xpose, c_empty, c_fuse;
+            c_all.start();
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % S;
-                cp_async_wait_all();
-                named_bar(1, 128);   // raw K_j visible to every producer thread
-                if (j > 0) {
-                    fence_proxy_async();
-                    mbar_arrive(bar_full + 8 * ((j - 1) % S));
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    c_kraw.start();
+                    mbar_wait(bar_kraw + 8 * half, j & 1);
+                    c_kraw.stop();
+                    c_xpose.start();
+                    if constexpr (!(kAblate & 1)) transpose(half);
+                    named_bar(1, 128);
+                    c_xpose.stop();
+                    if (leader && j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
+                    if (half == 0) {
+                        c_empty.start();
+                        if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
+                        // The last stage holds raw Q until the consumers' Qhat builds are done.
+                        if (Tr::kQrawAlias && j == S - 1) named_bar(4, kHThreads);
+                        c_empty.stop();
+                        if (leader) {
+                            fence_proxy_async();
+                            mbar_expect_tx(bar_full + 8 * s, Tr::kVBytes);
+                            tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
+                        }
+                    }
+                    c_fuse.start();
+                    if constexpr (!(kAblate & 1)) fuse(half, s);
+                    c_fuse.stop();
                 }
-                // K^T overwrites raw Q: the consumers' Qhat builds must be done (barrier 4).
-                if (j == 0) named_bar(4, kHThreads);
-                if constexpr (!(kAblate & 1)) transpose();
-                named_bar(1, 128);   // K^T complete, raw buffer free
-                if (j + 1 < n_tiles) load_kraw(j + 1);
-                if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
-                load_v(j, s);
-                cp_async_commit();
-                if constexpr (!(kAblate & 1)) fuse(s);
-            }
-            if (n_tiles > 0) {
-                cp_async_wait_all();
                 fence_proxy_async();
-                mbar_arrive(bar_full + 8 * ((n_tiles - 1) % S));
+                mbar_arrive(bar_full + 8 * s);
             }
+            c_all.stop();
+            c_all.flush(0, lt == 0);
+            c_kraw.flush(1, lt == 0);
+            c_xpose.flush(2, lt == 0);
+            c_empty.flush(3, lt == 0);
+            c_fuse.flush(4, lt == 0);
+            HClock<kProf> tiles;
+            tiles.acc = n_tiles;
+            tiles.flush(7, lt == 0);
         } else {
-            for (int j = 0; j < n_tiles; ++j) {
-                const int s = j % S;
-                if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
-                load_k(j, s);
-                load_v(j, s);
-                cp_async_commit();
-                if (j > 0) {
-                    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-                    fence_proxy_async();
-                    mbar_arrive(bar_full + 8 * ((j - 1) % S));
+            // G = 1: thread 0 copies K_j and V_j into stage s as soon as it is free.
+            constexpr bool kProf = kAblate & 16;
+            HClock<kProf> c_all, c_empty;
+            c_all.start();
+            if (leader) {
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int s = j % S;
+                    c_empty.start();
+                    if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
+                    c_empty.stop();
+                    mbar_arrive_expect_tx(bar_full + 8 * s, Tr::kStageBytes);
+                    tma_tile<D, BN>(stage_k(s), maps.k, j * BN, hk, b, bar_full + 8 * s);
+                    tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
                 }
             }
-            if (n_tiles > 0) {
-                cp_async_wait_all();
-                fence_proxy_async();
-                mbar_arrive(bar_full + 8 * ((n_tiles - 1) % S));
-            }
+            c_all.stop();
+            c_all.flush(0, leader);
+            c_empty.flush(3, leader);
+            HClock<kProf> tiles;
+            tiles.acc = n_tiles;
+            tiles.flush(7, leader);
         }
     } else {
         // ================= consumers =================
@@ -439,8 +575,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             }
             fence_proxy_async();
             named_bar(2 + cw, 128);
-            // Raw Q is read: the producer may overwrite it with K^T.
-            if (n_tiles > 0) asm volatile("bar.arrive 4, %0;\n" ::"n"(kHThreads) : "memory");
+            // Raw Q is read: the producer may fill the last stage (it waits at tile S - 1).
+            if (Tr::kQrawAlias && n_tiles >= S) named_bar_arrive(4, kHThreads);
         }
 
         // S operands: G = 1 swizzled Q and K (next region every 4 k-steps),
@@ -478,11 +614,15 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
         };
 
+        HClock<(kAblate & 16) != 0> c_all, c_full;
+        c_all.start();
         for (int j = 0; j < n_tiles; ++j) {
             const int s = j % S;
             const int n0 = j * BN;
             const uint32_t kst = sbase + Tr::kOffStage + s * Tr::kStageBytes;
+            c_full.start();
             mbar_wait(bar_full + 8 * s, (j / S) & 1);
+            c_full.stop();
 
             // ---- S = Qhat Khat^T ----
             float acc_s[BN / 2];
@@ -568,6 +708,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
             fence_regs(acc_o);
             if (lane == 0) mbar_arrive(bar_empty + 8 * s);
         }
+        c_all.stop();
+        c_all.flush(5, tid == 128);
+        c_full.flush(6, tid == 128);
 
         // ---- epilogue ----
 #pragma unroll
@@ -620,7 +763,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 #endif
 
 #if DA_HOPPER
-#define DA_HBODY(G) da::hfwd_body<DA_T, DA_HEAD_DIM, G>(p);
+#define DA_HBODY(G) da::hfwd_body<DA_T, DA_HEAD_DIM, G>(p, maps);
 #else
 #define DA_HBODY(G)
 #endif
@@ -629,8 +772,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p) {
 // da_hfwd_<dtype>_d<D>_g<G>_smem (read by the driver).
 #define DA_HFWD(G)                                                                                          \
     extern "C" __global__ void __launch_bounds__(da::kHThreads, 1)                                         \
-        DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G)(const __grid_constant__ \
-                                                                                   FwdParams p) {         \
+        DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G)(                        \
+            const __grid_constant__ FwdParams p, const __grid_constant__ HTmaMaps maps) {                      \
         DA_HBODY(G)                                                                                         \
     }                                                                                                       \
     extern "C" __device__ int DA_CAT(DA_CAT(DA_CAT(DA_CAT(da_hfwd_, DA_DTYPE), _d), DA_HEAD_DIM), _g##G##_smem) = \

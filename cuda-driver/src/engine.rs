@@ -11,7 +11,7 @@ use cust::sys as cu;
 use distr_attention_core::{Config, DType, Fusion, Operand, PlanShape};
 
 use crate::error::{check, Error, Result};
-use crate::params::{FwdParams, PlanParams, HEAD_MAP_MAX};
+use crate::params::{FwdParams, HTmaMaps, PlanParams, TmaDesc, HEAD_MAP_MAX};
 use crate::types::{GpuElement, GpuOutput, GpuPlan, GpuTensor, GpuTensorMut};
 use crate::validate::{check_attention, check_plan, i64_of, RawBuffer, RawPlan, RawTensor};
 
@@ -332,7 +332,19 @@ impl Engine {
         params: &P,
         stream: cu::CUstream,
     ) -> Result<()> {
-        let mut args = [params as *const P as *mut c_void];
+        self.launch_args(f, grid, threads, smem, &mut [params as *const P as *mut c_void], stream)
+    }
+
+    /// [`Engine::launch`] with one pointer per kernel parameter.
+    unsafe fn launch_args(
+        &self,
+        f: Func,
+        grid: (u32, u32, u32),
+        threads: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+        stream: cu::CUstream,
+    ) -> Result<()> {
         check!(cuLaunchKernel(
             f.handle as cu::CUfunction,
             grid.0,
@@ -488,6 +500,14 @@ impl Engine {
             head_map: [0; HEAD_MAP_MAX],
         };
 
+        // The Hopper kernel loads K and V by TMA; where the driver refuses a
+        // descriptor (for example a zero stride) the mma.sync kernel runs.
+        let maps = if self.wgmma && HOPPER_HEAD_DIMS.contains(&d) {
+            tma_desc(k).zip(tma_desc(v)).map(|(k, v)| HTmaMaps { k, v })
+        } else {
+            None
+        };
+
         // One launch (series) per distinct group size.
         let mut by_g: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for h in 0..p.q_heads {
@@ -495,8 +515,7 @@ impl Engine {
         }
         for (g, heads) in by_g {
             // The Hopper kernel: 128-row CTAs, so with G > 1 the plan blocks must be 128 rows.
-            let hopper =
-                self.wgmma && HOPPER_HEAD_DIMS.contains(&d) && (g == 1 || cfg.block_rows == HOPPER_ROWS);
+            let hopper = maps.is_some() && (g == 1 || cfg.block_rows == HOPPER_ROWS);
             // G = 1 never reads the plan, so its tile height is free: 128-row
             // tiles are faster (measured on the H100) except for short queries.
             let tile_rows = if hopper {
@@ -537,14 +556,17 @@ impl Engine {
                 while b0 < p.batch {
                     let nb = (p.batch - b0).min(GRID_YZ_MAX);
                     params.batch_offset = b0 as i32;
-                    self.launch(
-                        f,
-                        (num_blocks as u32, chunk.len() as u32, nb as u32),
-                        threads,
-                        f.smem,
-                        &params,
-                        stream,
-                    )?;
+                    let grid = (num_blocks as u32, chunk.len() as u32, nb as u32);
+                    match maps.as_ref().filter(|_| hopper) {
+                        Some(m) => {
+                            let mut args = [
+                                &params as *const FwdParams as *mut c_void,
+                                m as *const HTmaMaps as *mut c_void,
+                            ];
+                            self.launch_args(f, grid, threads, f.smem, &mut args, stream)?
+                        }
+                        None => self.launch(f, grid, threads, f.smem, &params, stream)?,
+                    }
                     b0 += nb;
                 }
             }
@@ -618,6 +640,70 @@ impl Engine {
         self.attention(cfg, Some(&plan), q, k, v, out, lse, stream)?;
         Ok(shape)
     }
+}
+
+// The driver's TMA descriptor encoder (libcuda of CUDA 12.0 on; cust 0.3's
+// bindings predate it).
+#[link(name = "cuda")]
+extern "C" {
+    fn cuTensorMapEncodeTiled(
+        tensor_map: *mut TmaDesc,
+        data_type: u32,
+        rank: u32,
+        global_address: *mut c_void,
+        global_dim: *const u64,
+        global_strides: *const u64,
+        box_dim: *const u32,
+        element_strides: *const u32,
+        interleave: u32,
+        swizzle: u32,
+        l2_promotion: u32,
+        oob_fill: u32,
+    ) -> u32;
+}
+
+/// The Hopper kernel's TMA descriptor of K or V (`HTmaMaps` in
+/// kernels/common.cuh): the 4-D tensor (d, n, head, batch) of 16-bit
+/// elements, 64 x 64 boxes (d x n), 128-byte swizzle, zeros past the ends.
+/// `None` where the driver refuses the tensor.
+fn tma_desc(t: &RawTensor) -> Option<TmaDesc> {
+    const UINT16: u32 = 1;
+    const SWIZZLE_128B: u32 = 3;
+    const L2_PROMOTION_256B: u32 = 3;
+    let l = &t.layout;
+    // The stride of an extent-1 dimension is never used: any valid value.
+    let stride = |extent: usize, s: usize| -> Option<u64> {
+        if extent <= 1 {
+            Some(16)
+        } else {
+            u64::try_from(s.checked_mul(2)?).ok()
+        }
+    };
+    let dims = [l.dim as u64, l.seq as u64, l.heads as u64, l.batch as u64];
+    let strides =
+        [stride(l.seq, l.stride_seq)?, stride(l.heads, l.stride_head)?, stride(l.batch, l.stride_batch)?];
+    let boxes = [64u32, 64, 1, 1];
+    let element_strides = [1u32; 4];
+    let mut map = TmaDesc([0; 16]);
+    // SAFETY: the pointers address live local arrays of the lengths the
+    // driver reads for rank 4; the global address is only recorded.
+    let status = unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            UINT16,
+            4,
+            t.ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            0,
+            SWIZZLE_128B,
+            L2_PROMOTION_256B,
+            0,
+        )
+    };
+    (status == 0).then_some(map)
 }
 
 pub(crate) fn raw_tensor<T: cust::memory::DeviceCopy>(

@@ -65,12 +65,13 @@
 //!   strides; for the plan kernel, Q 8-byte aligned with strides multiples
 //!   of 4. Violations return [`Error::Misaligned`].
 //! * **Hopper kernel**: on compute capability 9.0 the engine runs a wgmma
-//!   kernel (`kernels/hfwd.cu`: producer warpgroup with cp.async loads and
+//!   kernel (`kernels/hfwd.cu`: K and V by TMA, a producer warpgroup for
 //!   the K̂ fusion, two consumer warpgroups, mbarrier pipeline) for head_dim
-//!   64/128 with G = 1 or `block_rows` = 128; other cases use the mma.sync
-//!   kernel. [`Engine::with_wgmma`] or `DISTR_ATTENTION_KERNEL=mma` pins the
-//!   mma.sync kernel. H100, bf16: G = 1 1.06-1.54x FlashAttention-2, G = 2
-//!   with its plan 0.78-1.17x (see `kernels/NOTES.md`, "Hopper kernel").
+//!   64/128 with G = 1 or `block_rows` = 128; other cases, and K or V whose
+//!   tensor map the driver refuses, use the mma.sync kernel.
+//!   [`Engine::with_wgmma`] or `DISTR_ATTENTION_KERNEL=mma` pins the
+//!   mma.sync kernel. H100, bf16: G = 1 1.13-1.65x FlashAttention-2, G = 2
+//!   with its plan 0.79-1.56x (see `kernels/NOTES.md`, "Hopper kernel").
 //! * **Speed** of the mma.sync kernel (H100, bf16): exact attention (G = 1)
 //!   runs at 0.97-1.28x PyTorch's FlashAttention-2; G = 2 with its plan at
 //!   0.67-0.99x: on this mma.sync path the K̂ fusion costs about what the

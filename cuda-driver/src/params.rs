@@ -1,6 +1,6 @@
-//! Kernel parameter blocks, `#[repr(C)]` mirrors of `PlanParams` and
-//! `FwdParams` in `kernels/common.cuh` (keep both in sync; the sizes are
-//! asserted on both sides).
+//! Kernel parameter blocks, `#[repr(C)]` mirrors of `PlanParams`,
+//! `FwdParams` and `HTmaMaps` in `kernels/common.cuh` (keep both in sync;
+//! the sizes are asserted on both sides).
 
 /// Query heads one attention launch can address through `head_map`
 /// (`DA_HEAD_MAP_MAX`).
@@ -61,5 +61,20 @@ pub(crate) struct FwdParams {
     pub head_map: [u16; HEAD_MAP_MAX],
 }
 
+/// A CUDA tensor map (`CUtensorMap`: 128 opaque bytes, 64-byte aligned),
+/// written by the driver's `cuTensorMapEncodeTiled`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TmaDesc(pub [u64; 16]);
+
+/// The Hopper kernel's second parameter: the TMA descriptors of K and V.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HTmaMaps {
+    pub k: TmaDesc,
+    pub v: TmaDesc,
+}
+
 const _: () = assert!(std::mem::size_of::<PlanParams>() == 80);
+const _: () = assert!(std::mem::size_of::<HTmaMaps>() == 256);
 const _: () = assert!(std::mem::size_of::<FwdParams>() == 704);

@@ -1,16 +1,19 @@
-// Stage-removal timing and cross-version check of the Hopper kernel
-// (kernels/hfwd.cu and the v2 copy beside this file), bf16, outside the Rust
-// engine: the same FwdParams, grid and shared memory as the engine's launch.
+// Stage-removal timing and cross-version check of the Hopper kernel, bf16,
+// outside the Rust engine (the same FwdParams, grid and shared memory as the
+// engine's launch). One binary per head dim links four versions (each
+// hstage_k.cu compiled with its namespace renamed): "v2" (the frozen copy
+// beside this file, the reference of `check`), "old" and "mid"
+// (kernels/hfwd.cu at build.sh's OLD and MID revisions) and "new"
+// (kernels/hfwd.cu as checked out).
 //
 //   build.sh here (nvcc, sm_90a; see it for the flags), device.sh on the GPU:
-//   ./hstage time                 # table: effective TFLOP/s per (G, kAblate)
-//   ./hstage dump FILE            # small cases with tails -> raw outputs
-//   ./hstage check FILE           # the same cases, max |diff| against FILE
+//   ./hstage check       # new against v2 on small cases with tails (G = 1, 2, 4, 8)
+//   ./hstage time        # new vs old vs mid per (G, kAblate), interleaved launches; TFLOP/s
+//   ./hstage prof        # new's cycle counters (kAblate bit 4) per tile
 //
 // kAblate (see hfwd_body): bit 0 no transpose/fuse of Khat (stale Khat), bit 1
-// no raw-K loads, bit 2 no softmax (v4 also had bit 3, the serial consumer
-// order, which is v5's only order). Ablated outputs are meaningless; only
-// kAblate = 0 is checked.
+// no raw-K loads, bit 2 no softmax (P = S), bit 4 (new only) cycle counters.
+// Versions ignore bits they lack. Ablated outputs (bits 0-2) are meaningless.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,7 +23,10 @@
 #include <string>
 #include <vector>
 
-#include HFWD_FILE
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include "common.cuh"
 
 #define CK(x)                                                                               \
     do {                                                                                    \
@@ -34,13 +40,20 @@
 using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM;
 
-template <int G, int X>
-__global__ void __launch_bounds__(da::kHThreads, 1) hkern(const __grid_constant__ FwdParams p) {
-#if DA_HOPPER
-    da::hfwd_body<T, D, G, X>(p);
-#endif
+namespace hs_v2 {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
 }
-
+namespace hs_old {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
+}
+namespace hs_mid {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
+}
+namespace hs_new {
+bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
+bool prof(unsigned long long* out, bool reset);
+}
+using LaunchFn = bool (*)(int, int, const FwdParams&, const HTmaMaps&, dim3, cudaStream_t);
 __global__ void fill(T* x, size_t n, uint32_t seed) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 2654435761u ^ seed;
@@ -57,7 +70,26 @@ struct Problem {
     T *q, *k, *v, *o;
     uint16_t* plan;
     FwdParams p;
+    HTmaMaps maps;
 };
+
+// The engine's TMA descriptor (cuda-driver/src/engine.rs, tma_desc): the 4-D
+// tensor (d, n, head, batch) of 16-bit elements, 64 x 64 boxes, 128-byte swizzle.
+static TmaDesc tma_desc(const void* base, int B, int N, int H, long long bs, long long rs, long long hs) {
+    TmaDesc m;
+    const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)rs * 2, (cuuint64_t)hs * 2, (cuuint64_t)bs * 2};
+    const cuuint32_t box[4] = {64, 64, 1, 1}, estr[4] = {1, 1, 1, 1};
+    const CUresult r = cuTensorMapEncodeTiled(reinterpret_cast<CUtensorMap*>(&m), CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
+                                              const_cast<void*>(base), dims, strides, box, estr,
+                                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "cuTensorMapEncodeTiled: error %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
 
 static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     Problem pr{B, H, N, causal};
@@ -89,48 +121,78 @@ static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     p.q_len = p.kv_len = N, p.q_heads = H, p.heads_per_kv = 1, p.num_blocks = nblk, p.batch_offset = 0;
     p.scale_log2 = 1.4426950408889634f / sqrtf((float)D);
     p.causal = causal, p.sample = 0, p.out_f32 = 0, p.head_map_len = 0;
+    pr.maps.k = tma_desc(pr.k, B, N, H, bs, rs, D);
+    pr.maps.v = tma_desc(pr.v, B, N, H, bs, rs, D);
     return pr;
 }
 
-template <int G, int X>
-static void launch(const Problem& pr, cudaStream_t st) {
-    constexpr int smem = da::HTraits<D, G>::kSmem;
-    static bool once = false;
-    if (!once) {
-        CK(cudaFuncSetAttribute(hkern<G, X>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        once = true;
-    }
-    dim3 grid(pr.p.num_blocks, pr.H, pr.B);
-    hkern<G, X><<<grid, da::kHThreads, smem, st>>>(pr.p);
-    CK(cudaGetLastError());
+static void free_problem(Problem& pr) {
+    CK(cudaFree(pr.q));
+    CK(cudaFree(pr.k));
+    CK(cudaFree(pr.v));
+    CK(cudaFree(pr.o));
+    CK(cudaFree(pr.plan));
 }
 
-template <int G, int X>
-static double time_ms(const Problem& pr) {
+static void launch(LaunchFn f, int g, int x, const Problem& pr) {
+    dim3 grid(pr.p.num_blocks, pr.H, pr.B);
+    if (!f(g, x, pr.p, pr.maps, grid, 0)) {
+        fprintf(stderr, "variant G=%d X=%d not built\n", g, x);
+        exit(1);
+    }
+}
+
+static double flops(const Problem& pr) {
+    return 4.0 * pr.B * pr.H * (double)pr.N * pr.N * D * (pr.causal ? 0.5 : 1.0);
+}
+
+// new, old and mid in turn, 5 launches each per round, 8 rounds after 3
+// warm-ups each; medians of the 40 event-timed launches per version.
+static void row_ab(const char* what, int g, int x, const Problem& pr) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    for (int i = 0; i < 3; ++i) launch<G, X>(pr, 0);
-    std::vector<float> ms;
-    for (int i = 0; i < 15; ++i) {
-        CK(cudaEventRecord(a));
-        launch<G, X>(pr, 0);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float t;
-        CK(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t);
+    LaunchFn fs[3] = {hs_new::launch, hs_old::launch, hs_mid::launch};
+    std::vector<float> ms[3];
+    for (int v = 0; v < 3; ++v)
+        for (int i = 0; i < 3; ++i) launch(fs[v], g, x, pr);
+    for (int round = 0; round < 8; ++round)
+        for (int v = 0; v < 3; ++v)
+            for (int i = 0; i < 5; ++i) {
+                CK(cudaEventRecord(a));
+                launch(fs[v], g, x, pr);
+                CK(cudaEventRecord(b));
+                CK(cudaEventSynchronize(b));
+                float t;
+                CK(cudaEventElapsedTime(&t, a, b));
+                ms[v].push_back(t);
+            }
+    double med[3];
+    for (int v = 0; v < 3; ++v) {
+        std::sort(ms[v].begin(), ms[v].end());
+        med[v] = ms[v][ms[v].size() / 2];
     }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
+    const double f = flops(pr) / 1e9;
+    printf("%-28s D=%d G=%d X=%d causal=%d  new %7.3f ms %6.1f | old %7.3f ms %6.1f | mid %7.3f ms %6.1f TF/s | "
+           "new/old %.3f new/mid %.3f\n",
+           what, D, g, x, (int)pr.causal, med[0], f / med[0], med[1], f / med[1], med[2], f / med[2], med[1] / med[0],
+           med[2] / med[0]);
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
 }
 
-template <int G, int X>
-static void row(const char* what, const Problem& pr) {
-    const double ms = time_ms<G, X>(pr);
-    const double flops = 4.0 * pr.B * pr.H * (double)pr.N * pr.N * D * (pr.causal ? 0.5 : 1.0);
-    printf("%-34s G=%d X=%d causal=%d  %8.3f ms  %6.1f TFLOP/s\n", what, G, X, (int)pr.causal, ms,
-           flops / ms / 1e9);
+// new's cycle counters (kAblate 16 + x) per tile.
+static void row_prof(const char* what, int g, int x, const Problem& pr) {
+    unsigned long long c[8];
+    hs_new::prof(c, true);
+    launch(hs_new::launch, g, 16 + x, pr);
+    CK(cudaDeviceSynchronize());
+    hs_new::prof(c, false);
+    const double tiles = (double)std::max(1ull, c[7]);
+    printf("%-30s D=%d G=%d X=%2d causal=%d  cycles/tile: producer %6.0f (raw-K wait %5.0f, transpose+bar %5.0f, "
+           "empty wait %5.0f, fuse %5.0f) | consumer %6.0f (full wait %5.0f)\n",
+           what, D, g, 16 + x, (int)pr.causal, c[0] / tiles, c[1] / tiles, c[2] / tiles, c[3] / tiles, c[4] / tiles,
+           c[5] / tiles, c[6] / tiles);
 }
 
 // Small cases with key tails and causal masking, for dump/check.
@@ -140,49 +202,38 @@ struct Case {
 };
 static const Case kCases[] = {{1, 2, 1000, false}, {1, 2, 1000, true}, {2, 1, 300, true}, {1, 1, 129, false}};
 
-template <int G, int X>
-static void run_case(const Case& c, int idx, std::vector<T>& out) {
+static void run_case(LaunchFn f, int g, int x, const Case& c, int idx, std::vector<T>& out) {
     Problem pr = make(c.B, c.H, c.N, c.causal, 17 + idx);
-    launch<G, X>(pr, 0);
+    launch(f, g, x, pr);
     CK(cudaDeviceSynchronize());
     out.resize((size_t)c.B * c.N * c.H * D);
     CK(cudaMemcpy(out.data(), pr.o, out.size() * 2, cudaMemcpyDeviceToHost));
+    free_problem(pr);
 }
 
-template <int X>
-static void all_outputs(std::vector<std::vector<T>>& outs) {
+static void all_outputs(LaunchFn f, int x, std::vector<std::vector<T>>& outs) {
     int idx = 0;
     for (const Case& c : kCases) {
-        std::vector<T> o;
-        run_case<1, X>(c, idx, o), outs.push_back(o);
-        run_case<2, X>(c, idx, o), outs.push_back(o);
-        run_case<4, X>(c, idx, o), outs.push_back(o);
-        run_case<8, X>(c, idx, o), outs.push_back(o);
+        for (int g : {1, 2, 4, 8}) {
+            std::vector<T> o;
+            run_case(f, g, x, c, idx, o);
+            outs.push_back(o);
+        }
         ++idx;
     }
 }
 
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "time";
-    if (mode == "dump" || mode == "check") {
-        // check: the kernel as built into the library (X = 0). v4's runs also
-        // checked its serial consumer order (X = 8, -DHSTAGE_CHECK_SERIAL,
-        // results/hopper-v3/run2_check_*.log); v5 kept only that order.
-        std::vector<std::vector<T>> outs;
-        all_outputs<0>(outs);
-        if (mode == "dump") {
-            FILE* f = fopen(argv[2], "wb");
-            for (auto& o : outs) fwrite(o.data(), 2, o.size(), f);
-            fclose(f);
-            printf("dumped %zu outputs\n", outs.size());
-            return 0;
-        }
-        FILE* f = fopen(argv[2], "rb");
-        if (!f) return 2;
-        int bad = 0, k = 0;
-        for (auto& o : outs) {
-            std::vector<T> ref(o.size());
-            if (fread(ref.data(), 2, ref.size(), f) != ref.size()) return 2;
+    if (mode == "check") {
+        // new against v2, element by element.
+        const int x = 0;
+        std::vector<std::vector<T>> outs, refs;
+        all_outputs(hs_new::launch, x, outs);
+        all_outputs(hs_v2::launch, 0, refs);
+        int bad = 0;
+        for (size_t k = 0; k < outs.size(); ++k) {
+            const std::vector<T>&o = outs[k], &ref = refs[k];
             double md = 0, mref = 0;
             size_t nd = 0;
             for (size_t i = 0; i < o.size(); ++i) {
@@ -191,34 +242,42 @@ int main(int argc, char** argv) {
                 mref = std::max(mref, std::fabs(r));
                 nd += a != r;
             }
-            const int G = 1 << (k % 4);
-            printf("%scase %d G=%d: max|diff| %.3g (max|ref| %.3g), %zu of %zu differ\n", "", k / 4, G, md, mref, nd, o.size());
+            printf("X=%d case %zu G=%d: max|diff| %.3g (max|ref| %.3g), %zu of %zu differ\n", x, k / 4, 1 << (k % 4), md,
+                   mref, nd, o.size());
             bad += !(md <= 0.02 * std::max(mref, 1e-3));
-            ++k;
         }
-        fclose(f);
         printf("%s\n", bad ? "CHECK FAILED" : "check ok");
         return bad ? 1 : 0;
     }
-    if (D != 128) return 0;
+    // B * N = 65536, H * D = 2048, N = 4096 (as the benchmark's middle row).
+    const int H = 2048 / D;
+    {
+        // Clocks up before the first timed row: ~1 s of G = 1 launches.
+        Problem pr = make(16, H, 4096, false, 7);
+        for (int i = 0; i < 200; ++i) launch(hs_new::launch, 1, 0, pr);
+        CK(cudaDeviceSynchronize());
+        free_problem(pr);
+    }
     for (int causal = 0; causal < 2; ++causal) {
-        Problem pr = make(16, 16, 4096, causal, 7);
-        row<1, 0>("G=1", pr);
-        row<1, 4>("G=1 no softmax", pr);
-        row<2, 0>("G=2+plan full", pr);
-        row<2, 1>("G=2 no Khat fuse", pr);
-        row<2, 3>("G=2 no fuse, no raw-K loads", pr);
-        row<2, 4>("G=2 no softmax", pr);
-        row<2, 7>("G=2 V loads + GEMMs only", pr);
-        row<4, 0>("G=4+plan full", pr);
-        row<4, 1>("G=4 no Khat fuse", pr);
-        row<4, 3>("G=4 no fuse, no raw-K loads", pr);
-        row<8, 0>("G=8+plan full", pr);
-        CK(cudaFree(pr.q));
-        CK(cudaFree(pr.k));
-        CK(cudaFree(pr.v));
-        CK(cudaFree(pr.o));
-        CK(cudaFree(pr.plan));
+        Problem pr = make(16, H, 4096, causal, 7);
+        if (mode == "prof") {
+            row_prof("G=1", 1, 0, pr);
+            row_prof("G=2", 2, 0, pr);
+            row_prof("G=2 no softmax", 2, 4, pr);
+            row_prof("G=4", 4, 0, pr);
+            row_prof("G=8", 8, 0, pr);
+        } else {
+            row_ab("G=1", 1, 0, pr);
+            row_ab("G=2+plan full", 2, 0, pr);
+            row_ab("G=2 no Khat fuse", 2, 1, pr);
+            row_ab("G=2 no fuse, no raw-K loads", 2, 3, pr);
+            row_ab("G=2 no softmax", 2, 4, pr);
+            row_ab("G=2 V loads + GEMMs only", 2, 7, pr);
+            row_ab("G=4+plan full", 4, 0, pr);
+            row_ab("G=4 no Khat fuse", 4, 1, pr);
+            row_ab("G=8+plan full", 8, 0, pr);
+        }
+        free_problem(pr);
     }
     return 0;
 }
