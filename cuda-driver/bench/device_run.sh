@@ -6,7 +6,13 @@
 # capability 9.0 the tests run twice: with the Hopper (wgmma) kernel where it
 # applies, and with DISTR_ATTENTION_KERNEL=mma (the mma.sync kernel only).
 #
-#   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [bench] [quick]
+#   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [backward] [similarity] [abi] [bench] [quick]
+#
+# backward: tests/gpu_backward.rs and memcheck of examples/smoke_backward.rs;
+# similarity: tests/gpu_similarity.rs; abi: the C library's CUDA entry points
+# (Python tests on CUDA tensors, the C example and status test, memcheck of
+# the example). The logs are packed into $OUT/logs.tgz at the end (the device
+# tool brings back at most 8 files).
 set -uo pipefail
 out="${OUT:-device-out}"
 mkdir -p "$out" /tmp/devbin
@@ -17,6 +23,7 @@ peer="${PEER:-cuda-driver/bench/sdpa_peer.py}"
 t="timeout ${STEP_TIMEOUT:-300}"
 for f in "$bin"/*.xz; do xz -dc "$f" > "/tmp/devbin/$(basename "$f" .xz)"; done
 chmod +x /tmp/devbin/*
+export DA_LIBRARY=/tmp/devbin/libdistr_attention.so PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv | tee "$out/gpu.txt"
 status=0
 if [[ $what == *tests* ]]; then
@@ -41,10 +48,34 @@ if [[ $what == *sanitizer* ]]; then
     DISTR_ATTENTION_KERNEL=mma $t compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/devbin/smoke > "$out/sanitizer_memcheck_mma.log" 2>&1
     rc=$?; echo "memcheck (mma.sync only): exit $rc"; [ $rc -eq 0 ] || status=1
 fi
+if [[ $what == *backward* ]]; then
+    echo "== backward tests"
+    $t /tmp/devbin/gpu_backward --nocapture --test-threads 4 > "$out/gpu_backward.log" 2>&1 || status=1
+    grep -E "test result|panicked" "$out/gpu_backward.log"; grep -q "test result: ok" "$out/gpu_backward.log" || status=1
+    $t compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/devbin/smoke_backward > "$out/sanitizer_memcheck_backward.log" 2>&1
+    rc=$?; echo "memcheck (backward): exit $rc"; [ $rc -eq 0 ] || status=1
+fi
+if [[ $what == *similarity* ]]; then
+    echo "== similarity plan tests"
+    $t /tmp/devbin/gpu_similarity --nocapture --test-threads 1 > "$out/gpu_similarity.log" 2>&1 || status=1
+    grep -E "test result|panicked" "$out/gpu_similarity.log"; grep -q "test result: ok" "$out/gpu_similarity.log" || status=1
+fi
+if [[ $what == *abi* ]]; then
+    echo "== C ABI on the GPU (Python, C example, status test)"
+    $t python3 python/test_distr_attention.py -v > "$out/python_tests.log" 2>&1 || status=1
+    tail -n 3 "$out/python_tests.log"
+    $t /tmp/devbin/cuda_example 2 > "$out/cuda_example.log" 2>&1 || status=1
+    tail -n 2 "$out/cuda_example.log"
+    $t /tmp/devbin/cuda_status_test > "$out/cuda_status_test.log" 2>&1 || status=1
+    tail -n 1 "$out/cuda_status_test.log"
+    $t compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/devbin/cuda_example 2 > "$out/sanitizer_memcheck_abi.log" 2>&1
+    rc=$?; echo "memcheck (C example): exit $rc"; [ $rc -eq 0 ] || status=1
+fi
 if [[ $what == *bench* ]]; then
     echo "== benchmark"
     q=""; [[ $what == *quick* ]] && q="--quick"
     $t /tmp/devbin/bench --json "$out/ours.json" $q 2>&1 | tee "$out/bench.log" || status=1
-    PYTHONUNBUFFERED=1 python3 "$peer" --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
+    python3 "$peer" --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
 fi
+(cd "$out" && tar czf logs.tgz --exclude logs.tgz . && find . -type f ! -name logs.tgz ! -name ours.json -delete)
 exit $status
