@@ -309,8 +309,9 @@ __device__ __forceinline__ void store_diag(const float (&acc)[(D / 16 * (D / 16 
                 // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
                 // at column 2 t4 + (e & 1).
                 if ((g8 >> 1) == t4) {
-                    diag[I * 16 + g8] = acc[s][0][g8 & 1];
-                    diag[I * 16 + 8 + g8] = acc[s][1][2 + (g8 & 1)];
+                    const bool odd = g8 & 1;   // (no run-time index into the accumulators)
+                    diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
+                    diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
                 }
             }
         }
@@ -377,15 +378,21 @@ struct Costs {
         return dq * dk / 4.f;
     }
 
-    // The core's cluster_cost (KeyWeighted), members in order.
+    // The core's cluster_cost (KeyWeighted), members in order, with Gq and Gk
+    // symmetric: each distinct entry read once, off-diagonal terms counted twice.
     template <int S>
     __device__ __forceinline__ float kw_cluster(const int (&mem)[S]) const {
+        float q[S][S];   // x <= y only
+#pragma unroll
+        for (int x = 0; x < S; ++x)
+#pragma unroll
+            for (int y = x; y < S; ++y) q[x][y] = at(mem[x], mem[y]);
         float r[S];
 #pragma unroll
         for (int x = 0; x < S; ++x) {
             float acc = 0.f;
 #pragma unroll
-            for (int a = 0; a < S; ++a) acc += at(mem[a], mem[x]);
+            for (int a = 0; a < S; ++a) acc += a <= x ? q[a][x] : q[x][a];
             r[x] = acc / (float)S;
         }
         float mm = 0.f;
@@ -394,10 +401,11 @@ struct Costs {
         mm /= (float)S;
         float cost = 0.f;
 #pragma unroll
-        for (int x = 0; x < S; ++x)
+        for (int x = 0; x < S; ++x) {
+            cost += (q[x][x] - r[x] - r[x] + mm) * kdiag[mem[x]];
 #pragma unroll
-            for (int y = 0; y < S; ++y)
-                cost += (at(mem[x], mem[y]) - r[x] - r[y] + mm) * k_at(mem[x], mem[y]);
+            for (int y = x + 1; y < S; ++y) cost += 2.f * ((q[x][y] - r[x] - r[y] + mm) * k_at(mem[x], mem[y]));
+        }
         return cost;
     }
 
@@ -1187,8 +1195,10 @@ extern __shared__ __align__(16) unsigned char da_smem_[];
 
 // da_simplan_<dtype>_d<D>_g<G>_<sim|kw> and its dynamic shared-memory size
 // da_simplan_..._smem (read by the driver); da_kgram_<dtype>_d<D> likewise.
+// CTAs per SM the register budget is cut for: 3 at D = 128 (shared memory
+// allows 3) and for key-weighted G = 8 (cluster costs of 8), 4 otherwise.
 #define DA_SIMPLAN(DT, T, D, G, KW, MODE)                                                                  \
-    extern "C" __global__ void __launch_bounds__(da::kSimThreads, 3)                                      \
+    extern "C" __global__ void __launch_bounds__(da::kSimThreads, D == 128 || (KW && G == 8) ? 3 : 4)      \
         da_simplan_##DT##_d##D##_g##G##_##MODE(const SimPlanParams p) {                                    \
         da::simplan_body<T, D, G, KW>(p, DA_SMEM_PTR);                                                     \
     }                                                                                                      \
