@@ -160,34 +160,6 @@ __device__ __forceinline__ void pair_of(int p, int n, int& a, int& b) {
     b = p - pair_index(x, x + 1, n) + x + 1;
 }
 
-// The pairs that contain group a or bb (a < bb), in two lists: `before` the
-// pair (a, bb) in scan order and `after` it, (a, bb) itself first in `after`.
-// before: (a', a) and (a', bb) for a' < a, (a, b') for a < b' < bb;
-// after: (a, bb), (a, b') and (bb, b') for b' > bb, (a', bb) for a < a' < bb.
-__device__ __forceinline__ int before_pair(int t, int a, int bb, int n) {
-    const int nM = bb - a - 1;
-    if (t < a) return pair_index(t, a, n);
-    if (t < 2 * a) return pair_index(t - a, bb, n);
-    if (t < 2 * a + nM) return pair_index(a, a + 1 + (t - 2 * a), n);
-    return pair_index(a, bb, n);
-}
-__device__ __forceinline__ void after_pair(int t, int a, int bb, int n, int& pa, int& pb) {
-    const int nA = n - 1 - bb, nM = bb - a - 1;
-    if (t == 0) {
-        pa = a;
-        pb = bb;
-    } else if (t <= nA) {
-        pa = a;
-        pb = bb + t;
-    } else if (t <= nA + nM) {
-        pa = a + (t - nA);
-        pb = bb;
-    } else {
-        pa = bb;
-        pb = bb + (t - nA - nM);
-    }
-}
-
 // Sum over the upper 16x16 tiles owned by this warp of X^T X, X = Xt^T
 // ([D][pitch] in shared memory, k = columns 0..kend-1 of Xt): acc[s][nt][e]
 // for the s-th owned tile. With kSplit, Xt holds hi and Xt2 lo parts and the
@@ -318,8 +290,9 @@ __device__ __forceinline__ void store_diag(const float (&acc)[(D / 16 * (D / 16 
     }
 }
 
-// The matrix from the owned tiles, mirrored: mat[r][c] = mat[c][r] = f(r, c, v)
-// (inside a diagonal tile only r <= c is taken).
+// The matrix from the owned tiles, mirrored: mat[r][c] = mat[c][r] =
+// f(r, c, v, on_diagonal) (inside a diagonal tile only r <= c is taken;
+// on_diagonal: r == c, known false outside diagonal tiles).
 template <int D, typename F>
 __device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
                                              int warp, int lane, float* mat, F&& f) {
@@ -338,18 +311,18 @@ __device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 1
                     const int r = I * 16 + g8 + 8 * hh, cc = J * 16 + nt * 8 + 2 * t4;
                     const float v0 = acc[s][nt][2 * hh], v1 = acc[s][nt][2 * hh + 1];
                     if (I < J) {
-                        const float x0 = f(r, cc, v0), x1 = f(r, cc + 1, v1);
+                        const float x0 = f(r, cc, v0, false), x1 = f(r, cc + 1, v1, false);
                         *reinterpret_cast<float2*>(mat + r * P + cc) = make_float2(x0, x1);
                         mat[cc * P + r] = x0;
                         mat[(cc + 1) * P + r] = x1;
                     } else {
                         if (r <= cc) {
-                            const float x0 = f(r, cc, v0);
+                            const float x0 = f(r, cc, v0, r == cc);
                             mat[r * P + cc] = x0;
                             mat[cc * P + r] = x0;
                         }
                         if (r <= cc + 1) {
-                            const float x1 = f(r, cc + 1, v1);
+                            const float x1 = f(r, cc + 1, v1, r == cc + 1);
                             mat[r * P + cc + 1] = x1;
                             mat[(cc + 1) * P + r] = x1;
                         }
@@ -661,19 +634,22 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
             __syncthreads();
             break;
         }
-        // Free groups (every warp the whole mask), and this warp's groups
-        // whose choice was matched away: they choose again.
-        uint32_t fm[NI];
-        free_mask<n>(mate, fm, lane);
+        // This warp's groups whose choice was matched away choose again,
+        // among the free groups (every such warp builds the whole mask).
         const int own = warp + kSimWarps * lane;
         const bool again = lane < NO && own < n && mate[own] == kNone && mate[best[own]] != kNone;
         uint32_t todo = __ballot_sync(kFull, again);
-        while (todo) {
-            const int l = __ffs(todo) - 1;
-            todo &= todo - 1u;
-            const int v = warp + kSimWarps * l;
-            const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
-            if (lane == 0) best[v] = static_cast<uint8_t>(b);
+        if (todo) {
+            __syncwarp();   // best[own] is read above and rewritten below, by other lanes
+            uint32_t fm[NI];
+            free_mask<n>(mate, fm, lane);
+            while (todo) {
+                const int l = __ffs(todo) - 1;
+                todo &= todo - 1u;
+                const int v = warp + kSimWarps * l;
+                const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+                if (lane == 0) best[v] = static_cast<uint8_t>(b);
+            }
         }
         __syncthreads();
     }
@@ -749,26 +725,66 @@ __device__ __forceinline__ bool swap_improves(const Costs<D, G, KW>& c, const ui
     }
 }
 
-// G >= 4: a team of T = min(G^2, 32) consecutive lanes evaluates the pair
-// (a, b) (when `ok`), a lane per swap (two for G = 8): the first improving
-// swap >= start, or kNone, in every lane of the team. All lanes call it.
+// Lanes per pair (G >= 4): Similarity a lane per row x of the G x G swaps
+// (its swap costs are sums of distances shared by rows and columns);
+// KeyWeighted a lane per swap (two for G = 8: a swap costs two cluster costs).
+template <int G, bool KW>
+struct Team {
+    static constexpr int T = KW ? (G * G < 32 ? G * G : 32) : G;
+};
+
+// G >= 4: a team of Team::T consecutive lanes evaluates the pair (a, b)
+// (when `ok`): the first improving swap >= start, or kNone, in every lane of
+// the team. All lanes of the warp call it.
 template <int D, int G, bool KW>
 __device__ __forceinline__ int eval_team(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
                                          const float* gcost, int a, int b, int start, bool ok, int lane) {
-    constexpr int T = G * G < 32 ? G * G : 32;
-    constexpr int PL = G * G / T;
+    constexpr int T = Team<G, KW>::T;
     const int j = lane % T;
     if (ok && j == 0) DA_COUNT(4);
-    int first = kNone;
+    if constexpr (!KW) {
+        // Lane x: X[y] = D(a_x, b_y). Swapping a_x and b_y changes P(A) + P(B) by
+        // (C[y] - X[y]) + (R - X[y]) - self(a_x) - self(b_y), with the row sum
+        // R = sum_y X[y] and the column sums C[y] = sum_x' D(a_x', b_y) (a
+        // butterfly over the team: the same value in every lane).
+        const int ax = cm[a * G + j];
+        int mb[G];
+        float X[G], C[G];
+        float R = 0.f;
+#pragma unroll
+        for (int y = 0; y < G; ++y) {
+            mb[y] = cm[b * G + y];
+            X[y] = ok ? c.at(ax, mb[y]) : 0.f;
+            R += X[y];
+            C[y] = X[y];
+        }
+#pragma unroll
+        for (int off = 1; off < G; off *= 2)
+#pragma unroll
+            for (int y = 0; y < G; ++y) C[y] += __shfl_xor_sync(kFull, C[y], off);
+        const float sa = selfs[ax];
+        int first = kNone;
+#pragma unroll
+        for (int y = G - 1; y >= 0; --y) {
+            const int idx = j * G + y;
+            if (ok && idx >= start && (C[y] - X[y]) + (R - X[y]) < sa + selfs[mb[y]]) first = idx;
+        }
+#pragma unroll
+        for (int off = 1; off < G; off *= 2) first = min(first, static_cast<int>(__shfl_xor_sync(kFull, first, off)));
+        return first;
+    } else {
+        constexpr int PL = G * G / T;
+        int first = kNone;
 #pragma unroll 1
-    for (int s = PL - 1; s >= 0; --s) {
-        const int idx = j + s * T;
-        const bool f = ok && idx >= start && swap_improves<D, G, KW>(c, cm, selfs, gcost, a, b, idx / G, idx % G);
-        uint32_t bal = __ballot_sync(kFull, f);
-        if constexpr (T < 32) bal = (bal >> (lane & ~(T - 1))) & ((1u << T) - 1u);
-        if (bal) first = s * T + __ffs(bal) - 1;
+        for (int s = PL - 1; s >= 0; --s) {
+            const int idx = j + s * T;
+            const bool f = ok && idx >= start && swap_improves<D, G, KW>(c, cm, selfs, gcost, a, b, idx / G, idx % G);
+            uint32_t bal = __ballot_sync(kFull, f);
+            if constexpr (T < 32) bal = (bal >> (lane & ~(T - 1))) & ((1u << T) - 1u);
+            if (bal) first = s * T + __ffs(bal) - 1;
+        }
+        return first;
     }
-    return first;
 }
 
 // Distances from column j to the other members of its group (Similarity, G >= 4).
@@ -799,42 +815,73 @@ __device__ __forceinline__ void refresh_group(const Costs<D, G, KW>& c, const ui
     }
 }
 
-// Evaluates from swap 0 every pair whose bit is set in `stale`: first[] and
-// the bits of imp. (stale itself is cleared by the caller after a barrier.)
+// Records the first improving swap r of pair p: first[p] and p's bit of imp.
+__device__ __forceinline__ void record(uint8_t* first, uint32_t* imp, int p, int r) {
+    first[p] = static_cast<uint8_t>(r);
+    if (r != kNone) {
+        atomicOr(&imp[p >> 5], 1u << (p & 31));
+    } else {
+        atomicAnd(&imp[p >> 5], ~(1u << (p & 31)));
+    }
+}
+
+// Every pair from swap 0 (imp starts cleared). G = 2: the rows a and n - 2 - a
+// of the pair triangle together hold n pairs; 512 / n threads share such a
+// folded row, a run of slots each, no decoding. G >= 4: teams over the pairs.
+template <int D, int G, bool KW>
+__device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
+                                          const float* gcost, uint32_t* imp, uint8_t* first, int tid) {
+    constexpr int n = D / G, NP = n * (n - 1) / 2;
+    if constexpr (G == 2) {
+        constexpr int H = n / 2, TPF = kSimThreads / H, CH = (n + TPF - 1) / TPF;
+        const int fr = tid / TPF, seg = tid % TPF;
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+            const int s = seg * CH + k;
+            const bool lower = s < n - 1 - fr;   // row fr, else row n - 2 - fr (fr < H - 1)
+            if (s < n && (lower || fr < H - 1)) {
+                const int a = lower ? fr : n - 2 - fr, b = lower ? fr + 1 + s : s;
+                const int r = eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0);
+                const int p = pair_index(a, b, n);
+                first[p] = static_cast<uint8_t>(r);
+                if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
+            }
+        }
+    } else {
+        constexpr int T = Team<G, KW>::T, NT = kSimThreads / T;
+        const int lane = tid & 31, team = tid / T;
+        for (int base = 0; base < NP; base += NT) {
+            const int p = base + team;
+            const bool has = p < NP;
+            if (!__any_sync(kFull, has)) break;
+            int a = 0, b = 1;
+            if (has) pair_of(p, n, a, b);
+            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
+            if (has && lane % T == 0) {
+                first[p] = static_cast<uint8_t>(r);
+                if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
+            }
+        }
+    }
+}
+
+// The pairs whose bit is set in `stale` from swap 0 again (stale is cleared
+// by the caller after a barrier).
 template <int D, int G, bool KW>
 __device__ __forceinline__ void eval_stale(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
                                            const float* gcost, const uint32_t* stale, uint32_t* imp, uint8_t* first,
                                            int tid) {
     constexpr int n = D / G, NP = n * (n - 1) / 2;
     if constexpr (G == 2) {
-        // A thread per run of CH consecutive pairs (one word, CH | 32).
-        constexpr int CH = NP > 4 * kSimThreads ? 8 : NP > 2 * kSimThreads ? 4 : NP > kSimThreads ? 2 : 1;
-        const int p0 = tid * CH;
-        if (p0 < NP) {
-            const uint32_t sw = (stale[p0 >> 5] >> (p0 & 31)) & ((1u << CH) - 1u);
-            if (sw) {
+        for (int p = tid; p < NP; p += kSimThreads) {
+            if ((stale[p >> 5] >> (p & 31)) & 1u) {
                 int a, b;
-                pair_of(p0, n, a, b);
-                uint32_t set = 0;
-#pragma unroll
-                for (int k = 0; k < CH; ++k) {
-                    if ((sw >> k) & 1u) {
-                        const int r = eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0);
-                        first[p0 + k] = static_cast<uint8_t>(r);
-                        if (r != kNone) set |= 1u << k;
-                    }
-                    if (++b == n) {
-                        ++a;
-                        b = a + 1;
-                    }
-                }
-                const int sh = p0 & 31;
-                atomicAnd(&imp[p0 >> 5], ~(sw << sh));
-                if (set) atomicOr(&imp[p0 >> 5], set << sh);
+                pair_of(p, n, a, b);
+                record(first, imp, p, eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0));
             }
         }
     } else {
-        constexpr int T = G * G < 32 ? G * G : 32, NT = kSimThreads / T;
+        constexpr int T = Team<G, KW>::T, NT = kSimThreads / T;
         const int lane = tid & 31, team = tid / T;
         for (int base = 0; base < NP; base += NT) {
             const int p = base + team;
@@ -843,15 +890,53 @@ __device__ __forceinline__ void eval_stale(const Costs<D, G, KW>& c, const uint8
             int a = 0, b = 1;
             if (has) pair_of(p, n, a, b);
             const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
-            if (has && lane % T == 0) {
-                first[p] = static_cast<uint8_t>(r);
-                if (r != kNone) {
-                    atomicOr(&imp[p >> 5], 1u << (p & 31));
-                } else {
-                    atomicAnd(&imp[p >> 5], ~(1u << (p & 31)));
-                }
-            }
+            if (has && lane % T == 0) record(first, imp, p, r);
         }
+    }
+}
+
+// The t-th of the 2n - 3 pairs that contain group a or bb (a < bb): (a, x) for
+// x != a, then (bb, x) for x not in {a, bb}.
+__device__ __forceinline__ void touched_pair(int t, int a, int bb, int n, int& pa, int& pb) {
+    int g, x;
+    if (t < n - 1) {
+        g = a;
+        x = t < a ? t : t + 1;
+    } else {
+        const int u = t - (n - 1);
+        g = bb;
+        x = u < a ? u : u + 1 < bb ? u + 1 : u + 2;
+    }
+    pa = min(g, x);
+    pb = max(g, x);
+}
+
+// G >= 4 (a pair evaluation is dear; a pair touched twice in a pass is
+// evaluated once): the pairs that contain a or bb in two lists, `before` the
+// pair (a, bb) in scan order and `after` it, (a, bb) itself first in `after`.
+// before: (a', a) and (a', bb) for a' < a, (a, b') for a < b' < bb;
+// after: (a, bb), (a, b') and (bb, b') for b' > bb, (a', bb) for a < a' < bb.
+__device__ __forceinline__ int before_pair(int t, int a, int bb, int n) {
+    const int nM = bb - a - 1;
+    if (t < a) return pair_index(t, a, n);
+    if (t < 2 * a) return pair_index(t - a, bb, n);
+    if (t < 2 * a + nM) return pair_index(a, a + 1 + (t - 2 * a), n);
+    return pair_index(a, bb, n);
+}
+__device__ __forceinline__ void after_pair(int t, int a, int bb, int n, int& pa, int& pb) {
+    const int nA = n - 1 - bb, nM = bb - a - 1;
+    if (t == 0) {
+        pa = a;
+        pb = bb;
+    } else if (t <= nA) {
+        pa = a;
+        pb = bb + t;
+    } else if (t <= nA + nM) {
+        pa = a + (t - nA);
+        pb = bb;
+    } else {
+        pa = bb;
+        pb = bb + (t - nA - nM);
     }
 }
 
@@ -944,7 +1029,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
             gram_q<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
             if constexpr (C::kDist) store_diag<D>(acc, warp, lane, diag);
             __syncthreads();   // Q is read by all warps before the matrix overwrites it
-            store_matrix<D>(acc, warp, lane, mat, [&](int r, int cc, float v) {
+            store_matrix<D>(acc, warp, lane, mat, [&](int r, int cc, float v, bool on_diagonal) {
                 if constexpr (C::kDist) {
                     // The pair weight (Similarity: the distance (Gq_rr + Gq_cc) - 2 Gq_rc,
                     // never -0; KeyWeighted: the core's pair_cost); the diagonal is no weight.
@@ -956,7 +1041,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                     } else {
                         x = fminf(dq, INFINITY);   // NaN -> +inf
                     }
-                    return r == cc ? NAN : x;
+                    return on_diagonal ? NAN : x;
                 } else {
                     return v;
                 }
@@ -978,20 +1063,24 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         }
 
         // ---- refinement ----
+        // first[p]: the first improving swap of pair p from swap 0 in the
+        // current state, except for the pairs marked stale (evaluated from 0
+        // at the next pass's start): G = 2 the pairs the pass took (evaluated
+        // from their swap + 1), G >= 4 also the pairs before the scan position
+        // whose groups changed.
         constexpr int n = Tr::n, NP = Tr::NP, NW = Tr::NW;
         for (int j = tid; j < D; j += kSimThreads) pos[cm[j]] = static_cast<uint8_t>(j);
         for (int w = tid; w < NW; w += kSimThreads) {
-            stale[w] = w < NP / 32 ? kFull : (1u << (NP % 32)) - 1u;
+            stale[w] = 0u;
             imp[w] = 0u;
         }
         __syncthreads();
         for (int i = tid; i < D; i += kSimThreads) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, i / G, i % G);
         __syncthreads();
+        full_pass<D, G, KW>(c, cm, selfs, gcost, imp, first, tid);
         for (int pass = 0; pass < 8; ++pass) {
             if (tid == 0) DA_COUNT(7);
-            // Every pair must hold its first improving swap from swap 0 at a
-            // pass's start: those marked stale are evaluated again.
-            eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, tid);
+            if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, tid);
             __syncthreads();
             for (int w = tid; w < NW; w += kSimThreads) stale[w] = 0u;
             bool improved = false;
@@ -1013,6 +1102,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                             cm[bb * G + y] = static_cast<uint8_t>(ca);
                             pos[cbm] = static_cast<uint8_t>(a * G + x);
                             pos[ca] = static_cast<uint8_t>(bb * G + y);
+                            if (G == 2) stale[qp >> 5] |= 1u << (qp & 31);
                             ctl[1] = idx;
                             ctl[2] = a;
                             ctl[3] = bb;
@@ -1028,36 +1118,27 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                 if (tid == 0) DA_COUNT(6);
                 improved = true;
                 const int idx = ctl[1], a = ctl[2], bb = ctl[3];
-                // Pairs before qp that contain a or bb (and qp itself, evaluated
-                // below from idx + 1) are evaluated from swap 0 at the next pass;
-                // pairs after qp that contain a or bb, now.
-                const int nA = n - 1 - bb, nM = bb - a - 1;
-                const int nbefore = 2 * a + nM + 1, total = 1 + 2 * nA + nM;
                 if constexpr (G == 2) {
-                    for (int t = tid; t < nbefore + total; t += kSimThreads) {
-                        if (t < nbefore) {
-                            const int pp = before_pair(t, a, bb, n);
-                            atomicOr(&stale[pp >> 5], 1u << (pp & 31));
-                            continue;
-                        }
+                    // Every pair that contains a or bb, now: from swap 0, except qp
+                    // itself (the scan goes on inside it from idx + 1).
+                    constexpr int total = 2 * n - 3;
+                    for (int t = tid; t < total; t += kSimThreads) {
                         int pa, pb;
-                        after_pair(t - nbefore, a, bb, n, pa, pb);
-                        const int st = t == nbefore ? idx + 1 : 0;
-                        const int r = eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, st);
+                        touched_pair(t, a, bb, n, pa, pb);
                         const int pp = pair_index(pa, pb, n);
-                        first[pp] = static_cast<uint8_t>(r);
-                        if (r != kNone) {
-                            atomicOr(&imp[pp >> 5], 1u << (pp & 31));
-                        } else {
-                            atomicAnd(&imp[pp >> 5], ~(1u << (pp & 31)));
-                        }
+                        const int st = pp == qp ? idx + 1 : 0;
+                        record(first, imp, pp, st < 4 ? eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, st) : kNone);
                     }
                 } else {
+                    // The pairs before qp that contain a or bb: at the next pass's
+                    // start; those after it (and qp from idx + 1): now.
+                    const int nA = n - 1 - bb, nM = bb - a - 1;
+                    const int nbefore = 2 * a + nM + 1, total = 1 + 2 * nA + nM;
                     for (int t = tid; t < nbefore; t += kSimThreads) {
                         const int pp = before_pair(t, a, bb, n);
                         atomicOr(&stale[pp >> 5], 1u << (pp & 31));
                     }
-                    constexpr int TT = G * G < 32 ? G * G : 32, NTM = kSimThreads / TT;
+                    constexpr int TT = Team<G, KW>::T, NTM = kSimThreads / TT;
                     const int team = tid / TT;
                     for (int base = 0; base < total; base += NTM) {
                         const int t = base + team;
@@ -1067,15 +1148,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                         if (has) after_pair(t, a, bb, n, pa, pb);
                         const int st = t == 0 ? idx + 1 : 0;
                         const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, pa, pb, st, has, lane);
-                        if (has && lane % TT == 0) {
-                            const int pp = pair_index(pa, pb, n);
-                            first[pp] = static_cast<uint8_t>(r);
-                            if (r != kNone) {
-                                atomicOr(&imp[pp >> 5], 1u << (pp & 31));
-                            } else {
-                                atomicAnd(&imp[pp >> 5], ~(1u << (pp & 31)));
-                            }
-                        }
+                        if (has && lane % TT == 0) record(first, imp, pair_index(pa, pb, n), r);
                     }
                 }
                 __syncthreads();

@@ -27,7 +27,7 @@ if [ -z "${SIMPLAN_SKIP_NCU:-}" ]; then
     metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
     metrics+=",gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
     metrics+=",dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__occupancy_limit_registers"
-    for k in da_simplan_bf16_d128_g2_sim da_simplan_bf16_d128_g4_sim da_simplan_bf16_d128_g2_kw da_plan_bf16_p16; do
+    for k in da_simplan_bf16_d128_g2_sim da_simplan_bf16_d128_g2_kw da_plan_bf16_p16; do
         timeout 90 ncu -k "regex:^$k\$" -c 1 --metrics "$metrics" /tmp/sp/plan_bench --quick --warmup 0 --reps 1 \
             > "$logs/ncu_$k.txt" 2>&1
         echo "-- $k"
