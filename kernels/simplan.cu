@@ -1068,7 +1068,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         // at the next pass's start): G = 2 the pairs the pass took (evaluated
         // from their swap + 1), G >= 4 also the pairs before the scan position
         // whose groups changed.
-        constexpr int n = Tr::n, NP = Tr::NP, NW = Tr::NW;
+        constexpr int n = Tr::n, NW = Tr::NW;
         for (int j = tid; j < D; j += kSimThreads) pos[cm[j]] = static_cast<uint8_t>(j);
         for (int w = tid; w < NW; w += kSimThreads) {
             stale[w] = 0u;

@@ -4,7 +4,9 @@
 # benchmark, Nsight Compute on the similarity plan (metrics and per-SASS
 # instruction counts) and on the LSH plan, the tests, compute-sanitizer on
 # the small case, the LSH plan tests. Logs under $OUT (all.tar.xz: every log).
-#   SIMPLAN_SKIP_NCU=1   no Nsight Compute step
+#   SIMPLAN_SKIP_NCU=1          no Nsight Compute step
+#   SIMPLAN_NCU_KERNELS="..."   kernels for the metrics step (default: G = 2 plans, LSH plan)
+#   SIMPLAN_SKIP_LSH=1          no LSH plan tests (plan.cu unchanged)
 set -uo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-device-out}"
@@ -27,7 +29,7 @@ if [ -z "${SIMPLAN_SKIP_NCU:-}" ]; then
     metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
     metrics+=",gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
     metrics+=",dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__occupancy_limit_registers"
-    for k in da_simplan_bf16_d128_g2_sim da_simplan_bf16_d128_g2_kw da_plan_bf16_p16; do
+    for k in ${SIMPLAN_NCU_KERNELS:-da_simplan_bf16_d128_g2_sim da_simplan_bf16_d128_g2_kw da_plan_bf16_p16}; do
         timeout 90 ncu -k "regex:^$k\$" -c 1 --metrics "$metrics" /tmp/sp/plan_bench --quick --warmup 0 --reps 1 \
             > "$logs/ncu_$k.txt" 2>&1
         echo "-- $k"
@@ -51,6 +53,6 @@ for tool in memcheck racecheck synccheck; do
     [ $rc -eq 0 ] || status=1
 done
 echo "== LSH plan tests (engine.plan path)"
-timeout 120 /tmp/sp/gpu_tests gpu_plan --nocapture --test-threads 4 2>&1 | tail -n 12 | tee "$logs/lsh_tests.log" || status=1
+[ -n "${SIMPLAN_SKIP_LSH:-}" ] || timeout 120 /tmp/sp/gpu_tests gpu_plan --nocapture --test-threads 4 2>&1 | tail -n 12 | tee "$logs/lsh_tests.log" || status=1
 tar -C "$logs" -cJf "$out/all.tar.xz" .
 exit $status
