@@ -42,10 +42,12 @@
 //            improving swap; a bit mask of the pairs that have one), one
 //            warp finds the next pair in scan order from the mask and applies
 //            its swap, then the pairs that contain one of the two changed
-//            groups and follow it in the scan are evaluated again (those
-//            before it are marked for the next pass). G = 2: a thread per
-//            pair (its four swaps are two sums); G >= 4: a team of G^2 lanes
-//            (32 at most) per pair, a lane per swap. The result is the core's.
+//            groups are evaluated again (G = 2: all of them at once; G >= 4:
+//            those after it in the scan, those before it at the next pass's
+//            start). G = 2: a thread per pair (its four swaps are two sums);
+//            G >= 4: a team of lanes per pair (Similarity a lane per row of
+//            the G x G swaps, key-weighted a lane per swap). The result is the
+//            core's.
 //
 // Checked without a GPU by kernels/emu (this file compiled on the host with
 // every CUDA thread a fiber, CPU plans as reference) and on the H100 by

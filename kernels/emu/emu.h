@@ -4,7 +4,8 @@
 // reach a barrier, in an order that is reshuffled every time, so a missing
 // __syncthreads shows up as a wrong or varying result. Warp collectives
 // (shuffles, ballots, reductions, mma.sync) exchange values through
-// per-warp buffers between warp barriers; a block barrier reached while
+// per-warp buffers between warp barriers (ldmatrix reads the lanes' row
+// addresses the same way); a block barrier reached while
 // some lanes wait at a warp barrier (divergence) aborts.
 #pragma once
 
