@@ -3,14 +3,23 @@
 // similarity_groups + refine) computed per (batch, head, query block) in f32.
 //
 // One CTA (8 warps) per block of block_rows query rows:
-//   load     Q block -> shared memory, transposed (Qt[col][row], rows zero-padded to 16);
-//   Gram     Gq = Qt Qt^T with mma.sync (bf16/f16 products are exact in f32,
-//            f32 accumulation); only the upper 16x16 tiles are computed and
-//            mirrored, so the matrix is exactly symmetric;
-//   Similarity: the matrix stored is the squared column distances
-//            D[i][j] = Gq_ii + Gq_jj - 2 Gq_ij (written straight from the mma
-//            accumulators). Every cost of the core is a sum of distances: the
-//            error of a group X is P(X)/|X| with P(X) = sum of D over its pairs.
+//   load     the Q block -> shared memory, row-major (rows zero-padded to 16);
+//   Gram     Gq = Q^T Q with mma.sync on ldmatrix.trans fragments (bf16/f16
+//            products are exact in f32, f32 accumulation); only the upper
+//            16x16 tiles are computed and mirrored, so the matrix is exactly
+//            symmetric;
+//   matrix   Similarity: the squared column distances
+//            M[i][j] = Gq_ii + Gq_jj - 2 Gq_ij (every cost of the core is a
+//            sum of distances: the error of a group X is P(X)/|X| with P(X)
+//            = sum of M over its pairs). KeyWeighted with G = 2: the core's
+//            pair_cost |q_i - q_j|^2 |k_i - k_j|^2 / 4 (every decision is a
+//            sum of pair costs, so it runs the Similarity code on it);
+//            KeyWeighted with G >= 4: Gq itself (cluster costs need it),
+//            with the centred K Gram Gk (da_kgram below) in global memory.
+//            Written straight from the mma accumulators; the diagonal of a
+//            weight matrix is NaN (never chosen), other NaNs become +inf and
+//            -0 becomes +0, so float comparisons agree with the total order
+//            of the keys below;
 //   greedy   while groups are smaller than G: merge disjoint pairs of groups
 //            in increasing order of (added cost, a, b). The core sorts all
 //            pairs and takes each pair whose groups are both free; that is
@@ -18,19 +27,27 @@
 //            locally-dominant rounds below compute in parallel: every free
 //            group finds its cheapest free partner; mutual choices are
 //            matched (they are exactly the pairs the sequential scan takes);
-//            repeat. Only groups whose choice was matched away search again,
-//            over a compacted list of the free groups, all threads sharing
-//            the searches. Merged groups keep the core's member order and are
-//            ordered by their smallest column.
+//            repeat. The first choices of single columns are row scans (a
+//            few threads per row, 16-byte loads); later searches are warp-
+//            wide (lanes over the candidates, free ones from a ballot mask)
+//            for the groups whose choice was matched away, each warp for the
+//            groups it owns (v = warp mod 8): two CTA barriers per round.
+//            Merged groups keep the core's member order and are ordered by
+//            their smallest column.
 //   refine   the core's local search (at most 8 passes; in a pass, pairs of
 //            groups a < b, then positions x, y of the swapped columns, in
 //            order; a swap is applied as soon as it lowers the summed cost).
-//            Sequential in the core; here every (pair of groups) is
-//            evaluated at once against the current state and the first
-//            improving swap in scan order is taken; after a swap only the
-//            pairs that contain one of the two changed groups (and follow it
-//            in the scan) are evaluated again, and those before it are
-//            marked for the next pass. The result is the core's.
+//            Sequential in the core; here every pair of groups is evaluated
+//            at once against the current state (first[p]: its first
+//            improving swap; a bit mask of the pairs that have one), one
+//            warp finds the next pair in scan order from the mask and applies
+//            its swap, then the pairs that contain one of the two changed
+//            groups are evaluated again (G = 2: all of them at once; G >= 4:
+//            those after it in the scan, those before it at the next pass's
+//            start). G = 2: a thread per pair (its four swaps are two sums);
+//            G >= 4: a team of lanes per pair (Similarity a lane per row of
+//            the G x G swaps, key-weighted a lane per swap). The result is the
+//            core's.
 //
 // Checked without a GPU by kernels/emu (this file compiled on the host with
 // every CUDA thread a fiber, CPU plans as reference) and on the H100 by
@@ -83,30 +100,33 @@ constexpr int kSimThreads = 256;
 constexpr int kSimWarps = kSimThreads / 32;
 constexpr uint8_t kNone = 0xff;
 constexpr int kMaxRows = 128;   // block_rows the kernel supports
+constexpr uint32_t kFull = 0xffffffffu;
 
-template <int D>
+constexpr int align16(int x) { return (x + 15) / 16 * 16; }
+
+template <int D, int G>
 struct SimTraits {
-    static constexpr int kLP = kMaxRows + 8;   // Qt pitch (elements): conflict-free fragment loads
-    static constexpr int kGP = D + 1;          // f32 matrix pitch
-    static constexpr int align16(int x) { return (x + 15) / 16 * 16; }
-    static constexpr int kQtBytes = D * kLP * 2;
-    static constexpr int kMatBytes = D * kGP * 4;
-    static constexpr int kOffMat = 0;          // Qt, then the matrix, in one region
-    static constexpr int kOffVec = align16(kQtBytes > kMatBytes ? kQtBytes : kMatBytes);
-    // f32 vectors of D: diagonal, per-column sums inside its group, per-group cost
-    static constexpr int kOffDiag = kOffVec;
-    static constexpr int kOffSelf = kOffDiag + 4 * D;
-    static constexpr int kOffCost = kOffSelf + 4 * D;
-    static constexpr int kOffRed = kOffCost + 4 * D;            // 2 x 8 u32 (+ 8 counts)
-    static constexpr int kOffCur = kOffRed + 96;                // u8 [2][D] members
-    static constexpr int kOffPos = kOffCur + 2 * D;             // u8 [D] column -> position
-    static constexpr int kOffMate = kOffPos + D;                // u8 [D]
-    static constexpr int kOffBest = kOffMate + D;               // u8 [D]
-    static constexpr int kMaxPairs = (D / 2) * (D / 2 - 1) / 2;
-    static constexpr int kOffLists = kOffBest + D;              // u8 [2][D] matching scratch
-    static constexpr int kOffFirst = kOffLists + 2 * D;         // u8 [pairs of groups]
-    static constexpr int kOffStale = kOffFirst + kMaxPairs;     // u8 [pairs of groups]
-    static constexpr int kSmem = align16(kOffStale + kMaxPairs);
+    static constexpr int kQP = D + 8;   // Q pitch (elements): conflict-free ldmatrix rows
+    static constexpr int kMP = D + 4;   // matrix pitch (f32): 16-byte rows, conflict-free row scans
+    static constexpr int kQBytes = kMaxRows * kQP * 2;
+    static constexpr int kMatBytes = D * kMP * 4;
+    static constexpr int n = D / G;                      // groups after the greedy rounds
+    static constexpr int NP = n * (n - 1) / 2;           // pairs of groups
+    static constexpr int NW = (NP + 31) / 32;            // words of a pair bit mask
+    static constexpr int kOffMat = 0;                    // Q, then the matrix, in one region
+    static constexpr int kOffDiag = align16(kQBytes > kMatBytes ? kQBytes : kMatBytes);   // f32 [D] Gq diagonal
+    static constexpr int kOffKDiag = kOffDiag + 4 * D;   // f32 [D] Gk diagonal (key-weighted)
+    static constexpr int kOffSelf = kOffKDiag + 4 * D;   // f32 [D] per column: distances to its group
+    static constexpr int kOffCost = kOffSelf + 4 * D;    // f32 [D] per group: cost
+    static constexpr int kOffRed = kOffCost + 4 * D;     // u32 [8] per-warp counts, i32 [8] control
+    static constexpr int kOffCur = kOffRed + 64;         // u8 [2][D] members
+    static constexpr int kOffPos = kOffCur + 2 * D;      // u8 [D] column -> position
+    static constexpr int kOffMate = kOffPos + D;         // u8 [D]
+    static constexpr int kOffBest = kOffMate + D;        // u8 [D]
+    static constexpr int kOffImp = kOffBest + D;         // u32 [NW] pairs with an improving swap
+    static constexpr int kOffStale = kOffImp + 4 * NW;   // u32 [NW] pairs to evaluate at the next pass
+    static constexpr int kOffFirst = kOffStale + 4 * NW; // u8 [NP] first improving swap of a pair
+    static constexpr int kSmem = align16(kOffFirst + NP);
 };
 
 // Total order of f32 as u32 (f64::total_cmp's order on the bits).
@@ -114,6 +134,9 @@ __device__ __forceinline__ uint32_t ord_f32(float w) {
     const uint32_t u = __float_as_uint(w);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+
+// A weight as stored: NaN -> +inf, -0 -> +0 (float order = key order).
+__device__ __forceinline__ float tidy(float x) { return x != x ? INFINITY : x == 0.f ? 0.f : x; }
 
 // (I, J), I <= J, of the t-th upper 16x16 tile of an nb x nb tiling.
 __device__ __forceinline__ void upper_tile(int t, int nb, int& I, int& J) {
@@ -142,7 +165,7 @@ __device__ __forceinline__ void pair_of(int p, int n, int& a, int& b) {
 // Sum over the upper 16x16 tiles owned by this warp of X^T X, X = Xt^T
 // ([D][pitch] in shared memory, k = columns 0..kend-1 of Xt): acc[s][nt][e]
 // for the s-th owned tile. With kSplit, Xt holds hi and Xt2 lo parts and the
-// product is hi hi^T + hi lo^T + lo hi^T.
+// product is hi hi^T + hi lo^T + lo hi^T. (The key Gram below.)
 template <typename T, int D, bool kSplit, int kPitch>
 __device__ __forceinline__ void gram_tiles(float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
                                            const T* xt, const T* xt2, int kend, int warp, int lane) {
@@ -186,8 +209,40 @@ __device__ __forceinline__ void gram_tiles(float (&acc)[(D / 16 * (D / 16 + 1) /
     }
 }
 
-// Writes the owned tiles of a symmetric matrix (upper part computed) to
-// out[row * pitch + col] and its mirror, with f(row, col, value) applied.
+// The same tiles of Q^T Q with Q row-major in shared memory ([rows][kQP],
+// rows up to kend zero-filled): A = Q^T and B = Q fragments both by
+// ldmatrix.trans (lane l addresses row l % 8 of matrix l / 8; A's matrices:
+// (k0, m0), (k0, m0 + 8), (k0 + 8, m0), (k0 + 8, m0 + 8); B's: (k0, n0),
+// (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8), giving b0, b1 of both n8 halves).
+template <typename T, int D, int kQP>
+__device__ __forceinline__ void gram_q(float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
+                                       const T* qs, int kend, int warp, int lane) {
+    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
+    constexpr bool kBf16 = Num<T>::kBf16;
+    const int mi = lane >> 3, mr = lane & 7;
+    const uint32_t base = smem_addr(qs);
+    const uint32_t a_off = static_cast<uint32_t>(((8 * (mi >> 1) + mr) * kQP + 8 * (mi & 1)) * 2);
+    const uint32_t b_off = static_cast<uint32_t>(((8 * (mi & 1) + mr) * kQP + 8 * (mi >> 1)) * 2);
+#pragma unroll
+    for (int s = 0; s < PW; ++s) {
+        const int t = warp + s * kSimWarps;
+        if (t < NT) {
+            int I, J;
+            upper_tile(t, NB, I, J);
+            uint32_t pa = base + a_off + I * 32, pb = base + b_off + J * 32;
+            for (int k0 = 0; k0 < kend; k0 += 16, pa += 32 * kQP, pb += 32 * kQP) {
+                uint32_t a[4], b[4];
+                ldsm_x4_trans(a, pa);
+                ldsm_x4_trans(b, pb);
+                mma16816<kBf16>(acc[s][0], a, b[0], b[1]);
+                mma16816<kBf16>(acc[s][1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Writes the owned tiles of a symmetric matrix (upper part computed) through
+// put(row, col, value) (its mirror is the caller's).
 template <int D, typename F>
 __device__ __forceinline__ void store_sym(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
                                           int warp, int lane, F&& put) {
@@ -212,13 +267,81 @@ __device__ __forceinline__ void store_sym(const float (&acc)[(D / 16 * (D / 16 +
     }
 }
 
-// The matrices a block's decisions read: Similarity: distances in `m`;
-// KeyWeighted: Gq in `m` and Gk in global memory.
-template <int D, bool KW>
+// The diagonal of the owned tiles (only diagonal tiles hold any).
+template <int D>
+__device__ __forceinline__ void store_diag(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
+                                           int warp, int lane, float* diag) {
+    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
+    const int g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int s = 0; s < PW; ++s) {
+        const int t = warp + s * kSimWarps;
+        if (t < NT) {
+            int I, J;
+            upper_tile(t, NB, I, J);
+            if (I == J) {
+                // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
+                // at column 2 t4 + (e & 1).
+                if ((g8 >> 1) == t4) {
+                    const bool odd = g8 & 1;   // (no run-time index into the accumulators)
+                    diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
+                    diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
+                }
+            }
+        }
+    }
+}
+
+// The matrix from the owned tiles, mirrored: mat[r][c] = mat[c][r] =
+// f(r, c, v, on_diagonal) (inside a diagonal tile only r <= c is taken;
+// on_diagonal: r == c, known false outside diagonal tiles).
+template <int D, typename F>
+__device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
+                                             int warp, int lane, float* mat, F&& f) {
+    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps, P = D + 4;
+    const int g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int s = 0; s < PW; ++s) {
+        const int t = warp + s * kSimWarps;
+        if (t < NT) {
+            int I, J;
+            upper_tile(t, NB, I, J);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = I * 16 + g8 + 8 * hh, cc = J * 16 + nt * 8 + 2 * t4;
+                    const float v0 = acc[s][nt][2 * hh], v1 = acc[s][nt][2 * hh + 1];
+                    if (I < J) {
+                        const float x0 = f(r, cc, v0, false), x1 = f(r, cc + 1, v1, false);
+                        *reinterpret_cast<float2*>(mat + r * P + cc) = make_float2(x0, x1);
+                        mat[cc * P + r] = x0;
+                        mat[(cc + 1) * P + r] = x1;
+                    } else {
+                        if (r <= cc) {
+                            const float x0 = f(r, cc, v0, r == cc);
+                            mat[r * P + cc] = x0;
+                            mat[cc * P + r] = x0;
+                        }
+                        if (r <= cc + 1) {
+                            const float x1 = f(r, cc + 1, v1, r == cc + 1);
+                            mat[r * P + cc + 1] = x1;
+                            mat[(cc + 1) * P + r] = x1;
+                        }
+                    }
+                }
+        }
+    }
+}
+
+// The costs a block's decisions read (see the matrix step above).
+template <int D, int G, bool KW>
 struct Costs {
-    static constexpr int P = D + 1;
+    static constexpr int P = D + 4;
+    static constexpr bool kDist = !KW || G == 2;   // m: pair weights; else Gq (and Gk)
     const float* m;
-    const float* gk;   // [D][D], KeyWeighted only
+    const float* gk;      // [D][D], KeyWeighted with G >= 4 only
+    const float* kdiag;   // its diagonal, in shared memory
 
     __device__ __forceinline__ float at(int a, int b) const { return m[a * P + b]; }
     __device__ __forceinline__ float k_at(int a, int b) const { return __ldg(gk + a * D + b); }
@@ -226,19 +349,25 @@ struct Costs {
     // The core's pair_cost (KeyWeighted): |q_a - q_b|^2 |k_a - k_b|^2 / 4.
     __device__ __forceinline__ float kw_pair(int a, int b) const {
         const float dq = at(a, a) + at(b, b) - 2.f * at(a, b);
-        const float dk = k_at(a, a) + k_at(b, b) - 2.f * k_at(a, b);
+        const float dk = kdiag[a] + kdiag[b] - 2.f * k_at(a, b);
         return dq * dk / 4.f;
     }
 
-    // The core's cluster_cost (KeyWeighted), members in order.
+    // The core's cluster_cost (KeyWeighted), members in order, with Gq and Gk
+    // symmetric: each distinct entry read once, off-diagonal terms counted twice.
     template <int S>
     __device__ __forceinline__ float kw_cluster(const int (&mem)[S]) const {
+        float q[S][S];   // x <= y only
+#pragma unroll
+        for (int x = 0; x < S; ++x)
+#pragma unroll
+            for (int y = x; y < S; ++y) q[x][y] = at(mem[x], mem[y]);
         float r[S];
 #pragma unroll
         for (int x = 0; x < S; ++x) {
             float acc = 0.f;
 #pragma unroll
-            for (int a = 0; a < S; ++a) acc += at(mem[a], mem[x]);
+            for (int a = 0; a < S; ++a) acc += a <= x ? q[a][x] : q[x][a];
             r[x] = acc / (float)S;
         }
         float mm = 0.f;
@@ -247,15 +376,17 @@ struct Costs {
         mm /= (float)S;
         float cost = 0.f;
 #pragma unroll
-        for (int x = 0; x < S; ++x)
+        for (int x = 0; x < S; ++x) {
+            cost += (q[x][x] - r[x] - r[x] + mm) * kdiag[mem[x]];
 #pragma unroll
-            for (int y = 0; y < S; ++y)
-                cost += (at(mem[x], mem[y]) - r[x] - r[y] + mm) * k_at(mem[x], mem[y]);
+            for (int y = x + 1; y < S; ++y) cost += 2.f * ((q[x][y] - r[x] - r[y] + mm) * k_at(mem[x], mem[y]));
+        }
         return cost;
     }
 
-    // Cost of a group of S members: KeyWeighted: the core's group_cost;
-    // Similarity: P(X), the sum of distances over its pairs (|X| times the core's cost).
+    // Cost of a group of S >= 2 members: KeyWeighted: the core's group_cost
+    // (on Gq, G >= 4); Similarity: P(X), the sum of distances over its pairs
+    // (|X| times the core's cost).
     template <int S>
     __device__ __forceinline__ float group(const int (&mem)[S]) const {
         if constexpr (KW) {
@@ -273,30 +404,35 @@ struct Costs {
             return acc;
         }
     }
-};
 
-// Added cost of merging groups lo < hi of size S (members cm[v*S..]),
-// computed in the same order for (lo, hi) whichever thread asks, so that
-// both ends see the same key.
-template <int D, bool KW, int S>
-__device__ __forceinline__ float merge_weight(const Costs<D, KW>& c, const uint8_t* cm, const float* gcost, int lo,
-                                              int hi) {
-    if constexpr (S == 1) {
-        // The first round: group v is column v.
-        if constexpr (KW) {
-            return c.kw_pair(lo, hi);
-        } else {
-            return c.at(lo, hi);   // the core's pair_cost is half of it
-        }
-    } else {
-        if constexpr (KW) {
+    template <int S>
+    __device__ __forceinline__ float group_at(const uint8_t* cm, int g) const {
+        int mem[S];
+#pragma unroll
+        for (int i = 0; i < S; ++i) mem[i] = cm[g * S + i];
+        return group<S>(mem);
+    }
+
+    // Added cost of merging groups of size S. S = 1: the pair weight of
+    // columns v and u (symmetric to the bit, so read along row v); S >= 2:
+    // groups lo < hi (members cm[v*S..]), computed in the same order whichever
+    // end asks, so that both ends see the same key.
+    template <int S>
+    __device__ __forceinline__ float weight(const uint8_t* cm, const float* gcost, int lo, int hi) const {
+        if constexpr (S == 1) {
+            if constexpr (kDist) {
+                return at(lo, hi);   // Similarity: twice the core's pair_cost
+            } else {
+                return kw_pair(lo, hi);
+            }
+        } else if constexpr (KW) {
             int mem[2 * S];
 #pragma unroll
             for (int i = 0; i < S; ++i) {
                 mem[i] = cm[lo * S + i];
                 mem[S + i] = cm[hi * S + i];
             }
-            return c.template group<2 * S>(mem) - gcost[lo] - gcost[hi];
+            return group<2 * S>(mem) - gcost[lo] - gcost[hi];
         } else {
             // P(A u B) - P(A) - P(B) = sum of cross distances - P(A) - P(B)
             // (2S times the core's added cost).
@@ -304,89 +440,172 @@ __device__ __forceinline__ float merge_weight(const Costs<D, KW>& c, const uint8
 #pragma unroll
             for (int i = 0; i < S; ++i)
 #pragma unroll
-                for (int j = 0; j < S; ++j) cross += c.at(cm[lo * S + i], cm[hi * S + j]);
+                for (int j = 0; j < S; ++j) cross += at(cm[lo * S + i], cm[hi * S + j]);
             return cross - gcost[lo] - gcost[hi];
         }
     }
+};
+
+// First choices of single columns when the matrix holds pair weights: the
+// cheapest partner of column v is the smallest (weight, u) of row v. TPR
+// threads per row (8 consecutive rows per quarter-warp: conflict-free 16-byte
+// loads), each scanning its columns downwards with <= (the smallest u wins a
+// tie; the NaN diagonal never does), then merged across the TPR threads.
+template <int D>
+__device__ __forceinline__ void first_choices(const float* m, uint8_t* best, int tid) {
+    constexpr int P = D + 4;
+    constexpr int TPR = D == 128 ? 2 : 4;   // threads per row
+    constexpr int W = D / TPR;              // columns per thread
+    const int v = (tid & 7) + 8 * (tid / (8 * TPR));
+    const int h = (tid >> 3) % TPR;
+    float bv = INFINITY;
+    int bu = kNone;
+    if (v < D) {
+        const float* row = m + v * P + h * W;
+#pragma unroll
+        for (int q = W / 4 - 1; q >= 0; --q) {
+            const float4 x = *reinterpret_cast<const float4*>(row + 4 * q);
+            const int u = h * W + 4 * q;
+            if (x.w <= bv) {
+                bv = x.w;
+                bu = u + 3;
+            }
+            if (x.z <= bv) {
+                bv = x.z;
+                bu = u + 2;
+            }
+            if (x.y <= bv) {
+                bv = x.y;
+                bu = u + 1;
+            }
+            if (x.x <= bv) {
+                bv = x.x;
+                bu = u;
+            }
+        }
+    }
+#pragma unroll
+    for (int off = 8; off < 8 * TPR; off *= 2) {
+        const float ov = __shfl_xor_sync(kFull, bv, off);
+        const int ou = __shfl_xor_sync(kFull, bu, off);
+        if (ov < bv || (ov == bv && ou < bu)) {
+            bv = ov;
+            bu = ou;
+        }
+    }
+    if (h == 0 && v < D) best[v] = static_cast<uint8_t>(bu);
 }
 
-// One greedy round: groups of S -> groups of 2S (cm -> nx). `lists` holds
-// two u8 [D] scratch arrays.
-template <int D, bool KW, int S>
-__device__ void greedy_round(const Costs<D, KW>& c, const uint8_t* cm, uint8_t* nx, float* gcost, uint8_t* mate,
-                             uint8_t* best, uint8_t* lists, uint32_t* red, int tid) {
-    constexpr int n = D / S;
-    static_assert(n <= kSimThreads / 2 && n % 8 == 0, "groups");
-    const int lane = tid & 31, warp = tid >> 5;
-    uint8_t* flist = lists;       // free groups
-    uint8_t* rlist = lists + D;   // free groups that need a new choice
-    uint32_t* cnt = red + 8;      // per-warp counts of both lists
-    if constexpr (S >= 2) {
-        if (tid < n) {
-            int mem[S];
+// Candidate slots of the warp-wide searches: lane l holds groups
+// u = NI l + k, k < NI (NI = n / 32 for n >= 32 groups; else NI = 1, u = l);
+// fm[k] bit l: u is free.
+template <int n>
+struct Slots {
+    static constexpr int NI = n >= 32 ? n / 32 : 1;
+    static_assert(NI == 1 || NI == 2 || NI == 4, "at most 128 groups");
+};
+
+// fm from mate[] (kNone: free), one load per lane.
+template <int n>
+__device__ __forceinline__ void free_mask(const uint8_t* mate, uint32_t (&fm)[Slots<n>::NI], int lane) {
+    constexpr int NI = Slots<n>::NI;
+    if constexpr (NI == 4) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(mate + 4 * lane);
 #pragma unroll
-            for (int i = 0; i < S; ++i) mem[i] = cm[tid * S + i];
-            gcost[tid] = c.template group<S>(mem);
+        for (int k = 0; k < 4; ++k) fm[k] = __ballot_sync(kFull, ((w >> (8 * k)) & 0xffu) == kNone);
+    } else if constexpr (NI == 2) {
+        const uint32_t w = *reinterpret_cast<const uint16_t*>(mate + 2 * lane);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) fm[k] = __ballot_sync(kFull, ((w >> (8 * k)) & 0xffu) == kNone);
+    } else {
+        fm[0] = __ballot_sync(kFull, lane < n && mate[lane] == kNone);
+    }
+}
+
+// Warp-wide search for group v's cheapest free partner: the smallest key
+// (weight as ordered bits, u), which is the core's order (cost, lo, hi) for v.
+template <int D, int G, bool KW, int S>
+__device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* cm, const float* gcost, int v,
+                                      const uint32_t (&fm)[Slots<D / S>::NI], int lane) {
+    constexpr int NI = Slots<D / S>::NI;
+    uint32_t bk = kFull, bu = kFull;
+    if (lane == 0) DA_COUNT(8);
+    if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
+        // Pair weights along row v (tidy: float order is key order), NI
+        // consecutive ones per lane in one load, downwards with <=.
+        const float* row = c.m + v * Costs<D, G, KW>::P + NI * lane;
+        float x[NI];
+        if constexpr (NI == 4) {
+            const float4 q = *reinterpret_cast<const float4*>(row);
+            x[0] = q.x;
+            x[1] = q.y;
+            x[2] = q.z;
+            x[3] = q.w;
+        } else if constexpr (NI == 2) {
+            const float2 q = *reinterpret_cast<const float2*>(row);
+            x[0] = q.x;
+            x[1] = q.y;
+        } else {
+            x[0] = row[0];
         }
+        float bv = INFINITY;
+#pragma unroll
+        for (int k = NI - 1; k >= 0; --k) {
+            const int u = NI * lane + k;
+            if (((fm[k] >> lane) & 1u) && u != v && x[k] <= bv) {
+                bv = x[k];
+                bu = static_cast<uint32_t>(u);
+            }
+        }
+        if (bu != kFull) bk = ord_f32(bv);
+    } else {
+#pragma unroll
+        for (int k = 0; k < NI; ++k) {
+            const int u = NI * lane + k;
+            if (((fm[k] >> lane) & 1u) && u != v) {
+                const float w = S == 1 ? c.template weight<1>(cm, gcost, v, u)
+                                       : c.template weight<S>(cm, gcost, min(u, v), max(u, v));
+                const uint32_t key = ord_f32(w);
+                if (key < bk) {
+                    bk = key;
+                    bu = static_cast<uint32_t>(u);
+                }
+            }
+        }
+    }
+    const uint32_t m = __reduce_min_sync(kFull, bk);
+    return static_cast<int>(__reduce_min_sync(kFull, bk == m ? bu : kFull));
+}
+
+// One greedy round: groups of S -> groups of 2S (cm -> nx).
+template <int D, int G, bool KW, int S>
+__device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_t* nx, float* gcost, uint8_t* mate,
+                             uint8_t* best, uint32_t* red, int tid) {
+    constexpr int n = D / S;
+    constexpr int NI = Slots<n>::NI;                         // candidate slots per lane
+    constexpr int NO = (n + kSimWarps - 1) / kSimWarps;      // groups a warp owns (v = warp + 8 l)
+    static_assert(n <= kSimThreads / 2 && n % 2 == 0, "groups");
+    const int lane = tid & 31, warp = tid >> 5;
+    if constexpr (S >= 2) {
+        if (tid < n) gcost[tid] = c.template group_at<S>(cm, tid);
     }
     if (tid < n) mate[tid] = kNone;
     __syncthreads();
-    bool first_iter = true;
-    while (true) {
-        // Free groups, and those among them whose choice was taken (all, at first).
-        const bool is_free = tid < n && mate[tid] == kNone;
-        const bool rescan = is_free && (first_iter || mate[best[tid]] != kNone);
-        const uint32_t bf = __ballot_sync(0xffffffffu, is_free), br = __ballot_sync(0xffffffffu, rescan);
-        if (lane == 0 && warp < n / 32 + (n % 32 != 0)) cnt[warp] = (__popc(br) << 16) | __popc(bf);
-        __syncthreads();
-        int F = 0, R = 0, fo = 0, ro = 0;
-        for (int w = 0; w < (n + 31) / 32; ++w) {
-            const uint32_t x = cnt[w];
-            if (w < warp) {
-                fo += x & 0xffff;
-                ro += x >> 16;
-            }
-            F += x & 0xffff;
-            R += x >> 16;
+    // First choices: everyone among everyone.
+    if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
+        first_choices<D>(c.m, best, tid);
+    } else {
+        uint32_t fm[NI];
+#pragma unroll
+        for (int i = 0; i < NI; ++i) fm[i] = n >= 32 ? kFull : (1u << n) - 1u;
+        for (int v = warp; v < n; v += kSimWarps) {
+            const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+            if (lane == 0) best[v] = static_cast<uint8_t>(b);
         }
-        const uint32_t below = (1u << lane) - 1u;
-        if (is_free) flist[fo + __popc(bf & below)] = static_cast<uint8_t>(tid);
-        if (rescan) rlist[ro + __popc(br & below)] = static_cast<uint8_t>(tid);
-        __syncthreads();
-        // Each group in rlist looks for its cheapest free partner, TPR threads
-        // a group. For the edges of one group v the core's order (cost, lo, hi)
-        // is the order of (cost, u): key = (cost as ordered bits) << 32 | u.
-        int tpr = 1;
-        while (tpr < 32 && tpr * 2 * R <= kSimThreads) tpr *= 2;
-        const int ri = tid / tpr, sub = tid % tpr;
-        uint64_t key = ~0ull;
-        const int v = ri < R ? rlist[ri] : 0;
-        if (!KW && S == 1 && first_iter) {
-            // Every column free: scan row v of the distances directly (the
-            // diagonal holds +inf, so v never picks itself).
-            const float* row = c.m + v * Costs<D, KW>::P;
-#pragma unroll 8
-            for (int u = sub; u < n; u += kSimThreads / n) {
-                const uint64_t k = (static_cast<uint64_t>(ord_f32(row[u])) << 32) | static_cast<uint32_t>(u);
-                key = k < key ? k : key;
-            }
-        } else if (ri < R) {
-            for (int j = sub; j < F; j += tpr) {
-                const int u = flist[j];
-                const int lo = min(u, v), hi = max(u, v);
-                const float w = merge_weight<D, KW, S>(c, cm, gcost, lo, hi);
-                const uint64_t k = (static_cast<uint64_t>(ord_f32(w)) << 32) | static_cast<uint32_t>(u);
-                key = (u != v && k < key) ? k : key;
-                DA_COUNT(8);
-            }
-        }
-        for (int off = 1; off < tpr; off *= 2) {
-            const uint64_t o = __shfl_xor_sync(0xffffffffu, key, off);
-            key = o < key ? o : key;
-        }
-        if (ri < R && sub == 0) best[v] = static_cast<uint8_t>(key & 0xffu);
-        __syncthreads();
-        // Mutual choices are matched.
+    }
+    __syncthreads();
+    for (int it = 0;; ++it) {
+        // Mutual choices are matched (both ends of a free group's choice are free here).
         int still_free = 0;
         if (tid < n && mate[tid] == kNone) {
             const int u = best[tid];
@@ -396,14 +615,50 @@ __device__ void greedy_round(const Costs<D, KW>& c, const uint8_t* cm, uint8_t* 
                 still_free = 1;
             }
         }
-        first_iter = false;
         if (tid == 0) DA_COUNT(3);
         if (__syncthreads_count(still_free) == 0) break;
+        if (it == n) {
+            // Unreachable with a strict total order of the keys; a guard
+            // against a hang: pair the rest in order.
+            if (tid == 0) {
+                int prev = -1;
+                for (int v = 0; v < n; ++v)
+                    if (mate[v] == kNone) {
+                        if (prev < 0) {
+                            prev = v;
+                        } else {
+                            mate[prev] = static_cast<uint8_t>(v);
+                            mate[v] = static_cast<uint8_t>(prev);
+                            prev = -1;
+                        }
+                    }
+            }
+            __syncthreads();
+            break;
+        }
+        // This warp's groups whose choice was matched away choose again,
+        // among the free groups (every such warp builds the whole mask).
+        const int own = warp + kSimWarps * lane;
+        const bool again = lane < NO && own < n && mate[own] == kNone && mate[best[own]] != kNone;
+        uint32_t todo = __ballot_sync(kFull, again);
+        if (todo) {
+            __syncwarp();   // best[own] is read above and rewritten below, by other lanes
+            uint32_t fm[NI];
+            free_mask<n>(mate, fm, lane);
+            while (todo) {
+                const int l = __ffs(todo) - 1;
+                todo &= todo - 1u;
+                const int v = warp + kSimWarps * l;
+                const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+                if (lane == 0) best[v] = static_cast<uint8_t>(b);
+            }
+        }
+        __syncthreads();
     }
     // New groups: pair (v, mate v) with v < mate, in the order of v (= order of
     // the smallest column, since groups are ordered by it); members of v first.
     const bool lead = tid < n && mate[tid] > tid;
-    const uint32_t bal = __ballot_sync(0xffffffffu, lead);
+    const uint32_t bal = __ballot_sync(kFull, lead);
     if (lane == 0) red[warp] = __popc(bal);
     __syncthreads();
     if (lead) {
@@ -419,66 +674,124 @@ __device__ void greedy_round(const Costs<D, KW>& c, const uint8_t* cm, uint8_t* 
     __syncthreads();
 }
 
-// First improving swap (x * G + y >= start) between groups a < b in the
-// current state, or kNone.
+// G = 2, pair weights in the matrix: the first improving swap (index >= start)
+// of groups a < b, or kNone. Swaps 0 (a0 <-> b0) and 3 (a1 <-> b1) leave the
+// same two pairs, {a1, b0} and {a0, b1}; swaps 1 and 2 leave {a1, b1} and
+// {a0, b0}: two sums decide all four (the core's na + nb < ca + cb).
 template <int D, int G, bool KW>
-__device__ __forceinline__ int eval_pair(const Costs<D, KW>& c, const uint8_t* cm, const float* selfs,
-                                         const float* gcost, int a, int b, int start) {
-    int ma[G], mb[G];
+__device__ __forceinline__ int eval_pair2(const Costs<D, G, KW>& c, const uint8_t* cm, const float* gcost, int a,
+                                          int b, int start) {
     DA_COUNT(4);
+    const int a0 = cm[2 * a], a1 = cm[2 * a + 1], b0 = cm[2 * b], b1 = cm[2 * b + 1];
+    const float before = gcost[a] + gcost[b];
+    const bool c0 = c.at(a1, b0) + c.at(a0, b1) < before;
+    const bool c1 = c.at(a1, b1) + c.at(a0, b0) < before;
+    if (start == 0) return c0 ? 0 : c1 ? 1 : kNone;
+    if (start <= 2) return c1 ? start : c0 ? 3 : kNone;
+    return start == 3 && c0 ? 3 : kNone;
+}
+
+// G >= 4: does swapping a_x and b_y lower the summed cost of groups a, b?
+template <int D, int G, bool KW>
+__device__ __forceinline__ bool swap_improves(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
+                                              const float* gcost, int a, int b, int x, int y) {
+    // (Members indexed by x and y are read from shared memory: no
+    // run-time indexing of register arrays.)
+    int ma[G], mb[G];
 #pragma unroll
     for (int i = 0; i < G; ++i) {
         ma[i] = cm[a * G + i];
         mb[i] = cm[b * G + i];
     }
+    const int ax = cm[a * G + x], by = cm[b * G + y];
     if constexpr (KW) {
         const float before = gcost[a] + gcost[b];
-        // Not unrolled: a cost is O(G^2) already (code size, compile time).
-#pragma unroll 1
-        for (int idx = start; idx < G * G; ++idx) {
-            const int x = idx / G, y = idx % G;
-            const int to_a = cm[b * G + y], to_b = cm[a * G + x];
-            int na[G], nb[G];
+        int na[G], nb[G];
 #pragma unroll
-            for (int i = 0; i < G; ++i) {
-                na[i] = i == x ? to_a : ma[i];
-                nb[i] = i == y ? to_b : mb[i];
-            }
-            const float after = c.template group<G>(na) + c.template group<G>(nb);
-            if (after < before) return idx;
+        for (int i = 0; i < G; ++i) {
+            na[i] = i == x ? by : ma[i];
+            nb[i] = i == y ? ax : mb[i];
         }
-        return kNone;
+        return c.template group<G>(na) + c.template group<G>(nb) < before;
     } else {
         // Swapping a_x and b_y changes P(A) + P(B) by
         // [sum_{x' != x} D(a_x', b_y) + sum_{y' != y} D(a_x, b_y')] - [self(a_x) + self(b_y)].
-        float X[G][G], sa[G], sb[G];
+        float l = 0.f;
 #pragma unroll
-        for (int x = 0; x < G; ++x) {
-            sa[x] = selfs[ma[x]];
-            sb[x] = selfs[mb[x]];
+        for (int i = 0; i < G; ++i)
+            if (i != x) l += c.at(ma[i], by);
 #pragma unroll
-            for (int y = 0; y < G; ++y) X[x][y] = c.at(ma[x], mb[y]);
-        }
-#pragma unroll
-        for (int idx = 0; idx < G * G; ++idx) {
-            if (idx < start) continue;
-            const int x = idx / G, y = idx % G;
-            float l = 0.f;
-#pragma unroll
-            for (int i = 0; i < G; ++i)
-                if (i != x) l += X[i][y];
-#pragma unroll
-            for (int j = 0; j < G; ++j)
-                if (j != y) l += X[x][j];
-            if (l < sa[x] + sb[y]) return idx;
-        }
-        return kNone;
+        for (int j = 0; j < G; ++j)
+            if (j != y) l += c.at(ax, mb[j]);
+        return l < selfs[ax] + selfs[by];
     }
 }
 
-// Sum of distances from column j to the other members of its group.
-template <int D, int G>
-__device__ __forceinline__ float self_sum(const Costs<D, false>& c, const uint8_t* cm, const uint8_t* pos, int j) {
+// Lanes per pair (G >= 4): Similarity a lane per row x of the G x G swaps
+// (its swap costs are sums of distances shared by rows and columns);
+// KeyWeighted a lane per swap (two for G = 8: a swap costs two cluster costs).
+template <int G, bool KW>
+struct Team {
+    static constexpr int T = KW ? (G * G < 32 ? G * G : 32) : G;
+};
+
+// G >= 4: a team of Team::T consecutive lanes evaluates the pair (a, b)
+// (when `ok`): the first improving swap >= start, or kNone, in every lane of
+// the team. All lanes of the warp call it.
+template <int D, int G, bool KW>
+__device__ __forceinline__ int eval_team(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
+                                         const float* gcost, int a, int b, int start, bool ok, int lane) {
+    constexpr int T = Team<G, KW>::T;
+    const int j = lane % T;
+    if (ok && j == 0) DA_COUNT(4);
+    if constexpr (!KW) {
+        // Lane x: X[y] = D(a_x, b_y). Swapping a_x and b_y changes P(A) + P(B) by
+        // (C[y] - X[y]) + (R - X[y]) - self(a_x) - self(b_y), with the row sum
+        // R = sum_y X[y] and the column sums C[y] = sum_x' D(a_x', b_y) (a
+        // butterfly over the team: the same value in every lane).
+        const int ax = cm[a * G + j];
+        int mb[G];
+        float X[G], C[G];
+        float R = 0.f;
+#pragma unroll
+        for (int y = 0; y < G; ++y) {
+            mb[y] = cm[b * G + y];
+            X[y] = ok ? c.at(ax, mb[y]) : 0.f;
+            R += X[y];
+            C[y] = X[y];
+        }
+#pragma unroll
+        for (int off = 1; off < G; off *= 2)
+#pragma unroll
+            for (int y = 0; y < G; ++y) C[y] += __shfl_xor_sync(kFull, C[y], off);
+        const float sa = selfs[ax];
+        int first = kNone;
+#pragma unroll
+        for (int y = G - 1; y >= 0; --y) {
+            const int idx = j * G + y;
+            if (ok && idx >= start && (C[y] - X[y]) + (R - X[y]) < sa + selfs[mb[y]]) first = idx;
+        }
+#pragma unroll
+        for (int off = 1; off < G; off *= 2) first = min(first, static_cast<int>(__shfl_xor_sync(kFull, first, off)));
+        return first;
+    } else {
+        constexpr int PL = G * G / T;
+        int first = kNone;
+#pragma unroll 1
+        for (int s = PL - 1; s >= 0; --s) {
+            const int idx = j + s * T;
+            const bool f = ok && idx >= start && swap_improves<D, G, KW>(c, cm, selfs, gcost, a, b, idx / G, idx % G);
+            uint32_t bal = __ballot_sync(kFull, f);
+            if constexpr (T < 32) bal = (bal >> (lane & ~(T - 1))) & ((1u << T) - 1u);
+            if (bal) first = s * T + __ffs(bal) - 1;
+        }
+        return first;
+    }
+}
+
+// Distances from column j to the other members of its group (Similarity, G >= 4).
+template <int D, int G, bool KW>
+__device__ __forceinline__ float self_sum(const Costs<D, G, KW>& c, const uint8_t* cm, const uint8_t* pos, int j) {
     const int a = pos[j] / G;
     float acc = 0.f;
 #pragma unroll
@@ -489,25 +802,166 @@ __device__ __forceinline__ float self_sum(const Costs<D, false>& c, const uint8_
     return acc;
 }
 
+// After group grp changed: its cost (G = 2, KeyWeighted; i == 0 does it) or
+// the self distance of its i-th member (Similarity, G >= 4).
 template <int D, int G, bool KW>
-__device__ __forceinline__ void refresh_group(const Costs<D, KW>& c, const uint8_t* cm, const uint8_t* pos,
+__device__ __forceinline__ void refresh_group(const Costs<D, G, KW>& c, const uint8_t* cm, const uint8_t* pos,
                                               float* selfs, float* gcost, int grp, int i) {
-    if constexpr (KW) {
-        if (i == 0) {
-            int mem[G];
-#pragma unroll
-            for (int k = 0; k < G; ++k) mem[k] = cm[grp * G + k];
-            gcost[grp] = c.template group<G>(mem);
-        }
+    if constexpr (G == 2) {
+        if (i == 0) gcost[grp] = c.at(cm[2 * grp], cm[2 * grp + 1]);
+    } else if constexpr (KW) {
+        if (i == 0) gcost[grp] = c.template group_at<G>(cm, grp);
     } else {
         const int j = cm[grp * G + i];
-        selfs[j] = self_sum<D, G>(c, cm, pos, j);
+        selfs[j] = self_sum<D, G, KW>(c, cm, pos, j);
     }
+}
+
+// Records the first improving swap r of pair p: first[p] and p's bit of imp.
+__device__ __forceinline__ void record(uint8_t* first, uint32_t* imp, int p, int r) {
+    first[p] = static_cast<uint8_t>(r);
+    if (r != kNone) {
+        atomicOr(&imp[p >> 5], 1u << (p & 31));
+    } else {
+        atomicAnd(&imp[p >> 5], ~(1u << (p & 31)));
+    }
+}
+
+// Every pair from swap 0 (imp starts cleared). G = 2: the rows a and n - 2 - a
+// of the pair triangle together hold n pairs; 512 / n threads share such a
+// folded row, a run of slots each, no decoding. G >= 4: teams over the pairs.
+template <int D, int G, bool KW>
+__device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
+                                          const float* gcost, uint32_t* imp, uint8_t* first, int tid) {
+    constexpr int n = D / G, NP = n * (n - 1) / 2;
+    if constexpr (G == 2) {
+        constexpr int H = n / 2, TPF = kSimThreads / H, CH = (n + TPF - 1) / TPF;
+        const int fr = tid / TPF, seg = tid % TPF;
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+            const int s = seg * CH + k;
+            const bool lower = s < n - 1 - fr;   // row fr, else row n - 2 - fr (fr < H - 1)
+            if (s < n && (lower || fr < H - 1)) {
+                const int a = lower ? fr : n - 2 - fr, b = lower ? fr + 1 + s : s;
+                const int r = eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0);
+                const int p = pair_index(a, b, n);
+                first[p] = static_cast<uint8_t>(r);
+                if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
+            }
+        }
+    } else {
+        constexpr int T = Team<G, KW>::T, NT = kSimThreads / T;
+        const int lane = tid & 31, team = tid / T;
+        for (int base = 0; base < NP; base += NT) {
+            const int p = base + team;
+            const bool has = p < NP;
+            if (!__any_sync(kFull, has)) break;
+            int a = 0, b = 1;
+            if (has) pair_of(p, n, a, b);
+            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
+            if (has && lane % T == 0) {
+                first[p] = static_cast<uint8_t>(r);
+                if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
+            }
+        }
+    }
+}
+
+// The pairs whose bit is set in `stale` from swap 0 again (stale is cleared
+// by the caller after a barrier).
+template <int D, int G, bool KW>
+__device__ __forceinline__ void eval_stale(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
+                                           const float* gcost, const uint32_t* stale, uint32_t* imp, uint8_t* first,
+                                           int tid) {
+    constexpr int n = D / G, NP = n * (n - 1) / 2;
+    if constexpr (G == 2) {
+        for (int p = tid; p < NP; p += kSimThreads) {
+            if ((stale[p >> 5] >> (p & 31)) & 1u) {
+                int a, b;
+                pair_of(p, n, a, b);
+                record(first, imp, p, eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0));
+            }
+        }
+    } else {
+        constexpr int T = Team<G, KW>::T, NT = kSimThreads / T;
+        const int lane = tid & 31, team = tid / T;
+        for (int base = 0; base < NP; base += NT) {
+            const int p = base + team;
+            const bool has = p < NP && ((stale[p >> 5] >> (p & 31)) & 1u);
+            if (!__any_sync(kFull, has)) continue;
+            int a = 0, b = 1;
+            if (has) pair_of(p, n, a, b);
+            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
+            if (has && lane % T == 0) record(first, imp, p, r);
+        }
+    }
+}
+
+// The t-th of the 2n - 3 pairs that contain group a or bb (a < bb): (a, x) for
+// x != a, then (bb, x) for x not in {a, bb}.
+__device__ __forceinline__ void touched_pair(int t, int a, int bb, int n, int& pa, int& pb) {
+    int g, x;
+    if (t < n - 1) {
+        g = a;
+        x = t < a ? t : t + 1;
+    } else {
+        const int u = t - (n - 1);
+        g = bb;
+        x = u < a ? u : u + 1 < bb ? u + 1 : u + 2;
+    }
+    pa = min(g, x);
+    pb = max(g, x);
+}
+
+// G >= 4 (a pair evaluation is dear; a pair touched twice in a pass is
+// evaluated once): the pairs that contain a or bb in two lists, `before` the
+// pair (a, bb) in scan order and `after` it, (a, bb) itself first in `after`.
+// before: (a', a) and (a', bb) for a' < a, (a, b') for a < b' < bb;
+// after: (a, bb), (a, b') and (bb, b') for b' > bb, (a', bb) for a < a' < bb.
+__device__ __forceinline__ int before_pair(int t, int a, int bb, int n) {
+    const int nM = bb - a - 1;
+    if (t < a) return pair_index(t, a, n);
+    if (t < 2 * a) return pair_index(t - a, bb, n);
+    if (t < 2 * a + nM) return pair_index(a, a + 1 + (t - 2 * a), n);
+    return pair_index(a, bb, n);
+}
+__device__ __forceinline__ void after_pair(int t, int a, int bb, int n, int& pa, int& pb) {
+    const int nA = n - 1 - bb, nM = bb - a - 1;
+    if (t == 0) {
+        pa = a;
+        pb = bb;
+    } else if (t <= nA) {
+        pa = a;
+        pb = bb + t;
+    } else if (t <= nA + nM) {
+        pa = a + (t - nA);
+        pb = bb;
+    } else {
+        pa = bb;
+        pb = bb + (t - nA - nM);
+    }
+}
+
+// The next pair at or after pstart with an improving swap, or -1 (one warp).
+template <int NW>
+__device__ __forceinline__ int next_pair(const uint32_t* imp, int pstart, int lane) {
+    const int w0 = pstart >> 5;
+    for (int wb = w0; wb < NW; wb += 32) {
+        const int w = wb + lane;
+        uint32_t bits = w < NW ? imp[w] : 0u;
+        if (w == w0) bits &= kFull << (pstart & 31);
+        const uint32_t bal = __ballot_sync(kFull, bits != 0u);
+        if (bal) {
+            const int src = __ffs(bal) - 1;
+            const uint32_t wbits = __shfl_sync(kFull, bits, src);
+            return ((wb + src) << 5) + __ffs(wbits) - 1;
+        }
+    }
+    return -1;
 }
 
 template <typename T, int D, int G, bool KW>
 __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
-    using Tr = SimTraits<D>;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nh = p.head_map_len > 0 ? p.head_map_len : p.heads;
     const long long unit = blockIdx.x;
@@ -520,48 +974,51 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         for (int j = tid; j < D; j += kSimThreads) out[j] = static_cast<uint16_t>(j);
         return;
     } else {
-        T* qt = reinterpret_cast<T*>(smem + Tr::kOffMat);
+        using Tr = SimTraits<D, G>;
+        using C = Costs<D, G, KW>;
+        T* qs = reinterpret_cast<T*>(smem + Tr::kOffMat);
         float* mat = reinterpret_cast<float*>(smem + Tr::kOffMat);
         float* diag = reinterpret_cast<float*>(smem + Tr::kOffDiag);
+        float* kdiag = reinterpret_cast<float*>(smem + Tr::kOffKDiag);
         float* selfs = reinterpret_cast<float*>(smem + Tr::kOffSelf);
         float* gcost = reinterpret_cast<float*>(smem + Tr::kOffCost);
         uint32_t* red = reinterpret_cast<uint32_t*>(smem + Tr::kOffRed);
+        int* ctl = reinterpret_cast<int*>(smem + Tr::kOffRed + 32);
         uint8_t* cur = smem + Tr::kOffCur;
         uint8_t* pos = smem + Tr::kOffPos;
         uint8_t* mate = smem + Tr::kOffMate;
         uint8_t* best = smem + Tr::kOffBest;
-        uint8_t* lists = smem + Tr::kOffLists;
+        uint32_t* imp = reinterpret_cast<uint32_t*>(smem + Tr::kOffImp);
+        uint32_t* stale = reinterpret_cast<uint32_t*>(smem + Tr::kOffStale);
         uint8_t* first = smem + Tr::kOffFirst;
-        uint8_t* stale = smem + Tr::kOffStale;
+        const float* gk = nullptr;
+        if constexpr (KW) gk = p.gk + (b * p.kv_heads + h / p.heads_per_kv) * D * D;
 
-        // ---- Q block -> Qt[col][row] (rows up to a multiple of 16, zero-filled) ----
+        // ---- Q block -> shared memory, row-major (rows up to a multiple of 16, zero-filled) ----
         const int row0 = blk * p.block_rows;
         const int rows = min(p.block_rows, p.q_len - row0);
         const int kend = (rows + 15) & ~15;
-        const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<long long>(row0) * p.q_row_stride +
-                     static_cast<long long>(h) * p.q_head_stride;
         {
-            // A thread keeps one column quad and steps over rows; a warp
-            // reads 8 rows x 16 columns (a 32-byte segment per row).
-            constexpr int CB = D / 16;
-            constexpr int RS = 8 * (kSimWarps / CB);
-            const int c4 = (warp % CB) * 4 + lane % 4;
-            const int r0 = (warp / CB) * 8 + lane / 4;
+            constexpr int QD = D / 4;                  // 4-element quads per row
+            constexpr int RS = kSimThreads / QD;       // rows per step
+            const int c4 = tid % QD, r0 = tid / QD;
+            const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride +
+                         static_cast<long long>(row0 + r0) * p.q_row_stride + static_cast<long long>(h) * p.q_head_stride +
+                         4 * c4;
             const long long step = static_cast<long long>(RS) * p.q_row_stride;
-            const T* src = q + static_cast<long long>(r0) * p.q_row_stride + 4 * c4;
-            T* dst = qt + 4 * c4 * Tr::kLP;
-            for (int r = r0; r < kend; r += RS, src += step) {
+            for (int r = r0; r < kend; r += RS, q += step) {
                 uint2 v = make_uint2(0u, 0u);
-                if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(src));
-                const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-                for (int k = 0; k < 4; ++k) dst[k * Tr::kLP + r] = e[k];
+                if (r < rows) v = __ldg(reinterpret_cast<const uint2*>(q));
+                *reinterpret_cast<uint2*>(qs + r * Tr::kQP + 4 * c4) = v;
             }
         }
-        for (int j = tid; j < D; j += kSimThreads) cur[j] = static_cast<uint8_t>(j);
+        for (int j = tid; j < D; j += kSimThreads) {
+            cur[j] = static_cast<uint8_t>(j);
+            if constexpr (KW) kdiag[j] = __ldg(gk + j * D + j);
+        }
         __syncthreads();
 
-        // ---- Gram (upper tiles, mirrored) ----
+        // ---- Gram (upper tiles) -> the matrix (mirrored) ----
         {
             constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
             float acc[PW][2][4];
@@ -571,146 +1028,133 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                 for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[s][nt][e] = 0.f;
-            gram_tiles<T, D, false, Tr::kLP>(acc, qt, nullptr, kend, warp, lane);
-            if constexpr (!KW) {
-                store_sym<D>(acc, warp, lane, [&](int r, int c, float v) {
-                    if (r == c) diag[r] = v;
-                });
-            }
-            __syncthreads();   // Qt is read by all warps before the matrix overwrites it
-            // KeyWeighted keeps Gq; Similarity stores the core's pair distance
-            // (Gq_aa + Gq_bb) - 2 Gq_ab (symmetric; the diagonal, never a
-            // distance the core uses, is +inf for the first greedy scan).
-            store_sym<D>(acc, warp, lane, [&](int r, int c, float v) {
-                const float x = KW ? v : r == c ? INFINITY : (diag[r] + diag[c]) - 2.f * v;
-                mat[r * Tr::kGP + c] = x;
-                mat[c * Tr::kGP + r] = x;
+            gram_q<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
+            if constexpr (C::kDist) store_diag<D>(acc, warp, lane, diag);
+            __syncthreads();   // Q is read by all warps before the matrix overwrites it
+            store_matrix<D>(acc, warp, lane, mat, [&](int r, int cc, float v, bool on_diagonal) {
+                if constexpr (C::kDist) {
+                    // The pair weight (Similarity: the distance (Gq_rr + Gq_cc) - 2 Gq_rc,
+                    // never -0; KeyWeighted: the core's pair_cost); the diagonal is no weight.
+                    const float dq = diag[r] + diag[cc] - 2.f * v;
+                    float x;
+                    if constexpr (KW) {
+                        const float dk = kdiag[r] + kdiag[cc] - 2.f * __ldg(gk + r * D + cc);
+                        x = tidy(dq * dk / 4.f);
+                    } else {
+                        x = fminf(dq, INFINITY);   // NaN -> +inf
+                    }
+                    return on_diagonal ? NAN : x;
+                } else {
+                    return v;
+                }
             });
         }
         __syncthreads();
-        Costs<D, KW> c{mat, nullptr};
-        if constexpr (KW) {
-            c.gk = p.gk + (b * p.kv_heads + h / p.heads_per_kv) * D * D;
-        }
+        const C c{mat, gk, kdiag};
 
         // ---- greedy rounds ----
-        int cb = 0;
-        greedy_round<D, KW, 1>(c, cur, cur + D, gcost, mate, best, lists, red, tid);
-        cb = 1;
+        greedy_round<D, G, KW, 1>(c, cur, cur + D, gcost, mate, best, red, tid);
+        uint8_t* cm = cur + D;
         if constexpr (G >= 4) {
-            greedy_round<D, KW, 2>(c, cur + D, cur, gcost, mate, best, lists, red, tid);
-            cb = 0;
+            greedy_round<D, G, KW, 2>(c, cur + D, cur, gcost, mate, best, red, tid);
+            cm = cur;
         }
         if constexpr (G >= 8) {
-            greedy_round<D, KW, 4>(c, cur, cur + D, gcost, mate, best, lists, red, tid);
-            cb = 1;
+            greedy_round<D, G, KW, 4>(c, cur, cur + D, gcost, mate, best, red, tid);
+            cm = cur + D;
         }
-        uint8_t* cm = cur + cb * D;
 
         // ---- refinement ----
-        constexpr int n = D / G, NP = n * (n - 1) / 2;
+        // first[p]: the first improving swap of pair p from swap 0 in the
+        // current state, except for the pairs marked stale (evaluated from 0
+        // at the next pass's start): G = 2 the pairs the pass took (evaluated
+        // from their swap + 1), G >= 4 also the pairs before the scan position
+        // whose groups changed.
+        constexpr int n = Tr::n, NW = Tr::NW;
         for (int j = tid; j < D; j += kSimThreads) pos[cm[j]] = static_cast<uint8_t>(j);
+        for (int w = tid; w < NW; w += kSimThreads) {
+            stale[w] = 0u;
+            imp[w] = 0u;
+        }
         __syncthreads();
         for (int i = tid; i < D; i += kSimThreads) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, i / G, i % G);
         __syncthreads();
-        int rb = 0;
-        // first[p]: the first improving swap of pair p from its start in the
-        // current state. At a pass's start every entry must be "from swap 0":
-        // entries are evaluated in full once, and later only those marked
-        // stale (a group of theirs changed after their evaluation, or they
-        // were evaluated from a later start).
-        for (int pi = tid; pi < NP; pi += kSimThreads) stale[pi] = 1;
+        full_pass<D, G, KW>(c, cm, selfs, gcost, imp, first, tid);
         for (int pass = 0; pass < 8; ++pass) {
             if (tid == 0) DA_COUNT(7);
-            for (int pi = tid; pi < NP; pi += kSimThreads) {
-                if (!stale[pi]) continue;
-                int a, bb;
-                pair_of(pi, n, a, bb);
-                first[pi] = static_cast<uint8_t>(eval_pair<D, G, KW>(c, cm, selfs, gcost, a, bb, 0));
-                stale[pi] = 0;
-            }
+            if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, tid);
             __syncthreads();
+            for (int w = tid; w < NW; w += kSimThreads) stale[w] = 0u;
             bool improved = false;
             int pstart = 0;
             while (true) {
                 // The next swap the core's scan applies: the first pair from
-                // pstart on with an improving swap (its first one).
-                uint32_t cand = 0xffffffffu;
-                for (int pi = pstart + tid; pi < NP; pi += kSimThreads)
-                    if (first[pi] != kNone) {
-                        cand = static_cast<uint32_t>(pi);
-                        break;
+                // pstart on with an improving swap (its first one). Warp 0
+                // finds and applies it.
+                if (warp == 0) {
+                    const int qp = next_pair<NW>(imp, pstart, lane);
+                    if (qp >= 0) {
+                        const int idx = first[qp];
+                        int a, bb;
+                        pair_of(qp, n, a, bb);
+                        const int x = idx / G, y = idx % G;
+                        if (lane == 0) {
+                            const int ca = cm[a * G + x], cbm = cm[bb * G + y];
+                            cm[a * G + x] = static_cast<uint8_t>(cbm);
+                            cm[bb * G + y] = static_cast<uint8_t>(ca);
+                            pos[cbm] = static_cast<uint8_t>(a * G + x);
+                            pos[ca] = static_cast<uint8_t>(bb * G + y);
+                            if (G == 2) stale[qp >> 5] |= 1u << (qp & 31);
+                            ctl[1] = idx;
+                            ctl[2] = a;
+                            ctl[3] = bb;
+                        }
+                        __syncwarp();
+                        if (lane < 2 * G) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, lane < G ? a : bb, lane % G);
                     }
-                cand = __reduce_min_sync(0xffffffffu, cand);
-                if (lane == 0) red[rb * 8 + warp] = cand;
+                    if (lane == 0) ctl[0] = qp;
+                }
                 __syncthreads();
-                uint32_t qp = red[rb * 8];
-#pragma unroll
-                for (int w = 1; w < kSimWarps; ++w) qp = min(qp, red[rb * 8 + w]);
-                rb ^= 1;
-                if (qp == 0xffffffffu) break;
+                const int qp = ctl[0];
+                if (qp < 0) break;
                 if (tid == 0) DA_COUNT(6);
                 improved = true;
-                const int idx = first[qp];
-                int a, bb;
-                pair_of(static_cast<int>(qp), n, a, bb);
-                const int x = idx / G, y = idx % G;
-                if (warp == 0) {
-                    if (lane == 0) {
-                        const int ca = cm[a * G + x], cbm = cm[bb * G + y];
-                        cm[a * G + x] = static_cast<uint8_t>(cbm);
-                        cm[bb * G + y] = static_cast<uint8_t>(ca);
-                        pos[cbm] = static_cast<uint8_t>(a * G + x);
-                        pos[ca] = static_cast<uint8_t>(bb * G + y);
+                const int idx = ctl[1], a = ctl[2], bb = ctl[3];
+                if constexpr (G == 2) {
+                    // Every pair that contains a or bb, now: from swap 0, except qp
+                    // itself (the scan goes on inside it from idx + 1).
+                    constexpr int total = 2 * n - 3;
+                    for (int t = tid; t < total; t += kSimThreads) {
+                        int pa, pb;
+                        touched_pair(t, a, bb, n, pa, pb);
+                        const int pp = pair_index(pa, pb, n);
+                        const int st = pp == qp ? idx + 1 : 0;
+                        record(first, imp, pp, st < 4 ? eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, st) : kNone);
                     }
-                    __syncwarp();
-                    if (lane < 2 * G) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, lane < G ? a : bb, lane % G);
+                } else {
+                    // The pairs before qp that contain a or bb: at the next pass's
+                    // start; those after it (and qp from idx + 1): now.
+                    const int nA = n - 1 - bb, nM = bb - a - 1;
+                    const int nbefore = 2 * a + nM + 1, total = 1 + 2 * nA + nM;
+                    for (int t = tid; t < nbefore; t += kSimThreads) {
+                        const int pp = before_pair(t, a, bb, n);
+                        atomicOr(&stale[pp >> 5], 1u << (pp & 31));
+                    }
+                    constexpr int TT = Team<G, KW>::T, NTM = kSimThreads / TT;
+                    const int team = tid / TT;
+                    for (int base = 0; base < total; base += NTM) {
+                        const int t = base + team;
+                        const bool has = t < total;
+                        if (!__any_sync(kFull, has)) break;
+                        int pa = 0, pb = 1;
+                        if (has) after_pair(t, a, bb, n, pa, pb);
+                        const int st = t == 0 ? idx + 1 : 0;
+                        const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, pa, pb, st, has, lane);
+                        if (has && lane % TT == 0) record(first, imp, pair_index(pa, pb, n), r);
+                    }
                 }
                 __syncthreads();
-                // Pairs after qp that contain a or bb: (a, bb) from idx + 1,
-                // (a, b') and (bb, b') for b' > bb, (a', bb) for a < a' < bb.
-                // Those before qp go stale: (a', a) and (a', bb) for a' < a,
-                // (a, b') for a < b' < bb; and qp itself (evaluated from idx + 1).
-                const int nA = n - 1 - bb, nM = bb - a - 1;
-                const int total = 1 + 2 * nA + nM;
-                for (int t = tid; t < 2 * a + nM + 1; t += kSimThreads) {
-                    int pa, pb;
-                    if (t < a) {
-                        pa = t;
-                        pb = a;
-                    } else if (t < 2 * a) {
-                        pa = t - a;
-                        pb = bb;
-                    } else if (t < 2 * a + nM) {
-                        pa = a;
-                        pb = a + 1 + (t - 2 * a);
-                    } else {
-                        pa = a;
-                        pb = bb;
-                    }
-                    stale[pair_index(pa, pb, n)] = 1;
-                }
-                for (int t = tid; t < total; t += kSimThreads) {
-                    int pa, pb, st = 0;
-                    if (t == 0) {
-                        pa = a;
-                        pb = bb;
-                        st = idx + 1;
-                    } else if (t <= nA) {
-                        pa = a;
-                        pb = bb + t;
-                    } else if (t <= nA + nM) {
-                        pa = a + (t - nA);
-                        pb = bb;
-                    } else {
-                        pa = bb;
-                        pb = bb + (t - nA - nM);
-                    }
-                    first[pair_index(pa, pb, n)] =
-                        static_cast<uint8_t>(st < G * G ? eval_pair<D, G, KW>(c, cm, selfs, gcost, pa, pb, st) : kNone);
-                }
-                __syncthreads();
-                pstart = static_cast<int>(qp);
+                pstart = qp;
             }
             if (!improved) break;
         }
@@ -826,12 +1270,14 @@ extern __shared__ __align__(16) unsigned char da_smem_[];
 
 // da_simplan_<dtype>_d<D>_g<G>_<sim|kw> and its dynamic shared-memory size
 // da_simplan_..._smem (read by the driver); da_kgram_<dtype>_d<D> likewise.
+// CTAs per SM the register budget is cut for: 3 at D = 128 (shared memory
+// allows 3) and for key-weighted G = 8 (cluster costs of 8), 4 otherwise.
 #define DA_SIMPLAN(DT, T, D, G, KW, MODE)                                                                  \
-    extern "C" __global__ void __launch_bounds__(da::kSimThreads, 3)                                      \
+    extern "C" __global__ void __launch_bounds__(da::kSimThreads, D == 128 || (KW && G == 8) ? 3 : 4)      \
         da_simplan_##DT##_d##D##_g##G##_##MODE(const SimPlanParams p) {                                    \
         da::simplan_body<T, D, G, KW>(p, DA_SMEM_PTR);                                                     \
     }                                                                                                      \
-    extern "C" __device__ int da_simplan_##DT##_d##D##_g##G##_##MODE##_smem = G == 1 ? 0 : da::SimTraits<D>::kSmem;
+    extern "C" __device__ int da_simplan_##DT##_d##D##_g##G##_##MODE##_smem = G == 1 ? 0 : da::SimTraits<D, G>::kSmem;
 
 #define DA_KGRAM(DT, T, D)                                                                               \
     extern "C" __global__ void __launch_bounds__(da::kSimThreads) da_kgram_##DT##_d##D(const KGramParams p) { \

@@ -47,8 +47,9 @@
 //!   f32. `block_rows <= 128`, `head_dim` in {32, 64, 128}, G in {1, 2, 4, 8}
 //!   per head. It equals the core's f64 plan except after a near-tie
 //!   decision (see `kernels/NOTES.md`). Speed (H100, bf16, D = 128,
-//!   8192 blocks of 128 rows): 1.06 ms at G = 2 (LSH: 0.20 ms), 14.5% of
-//!   the attention at N = 4096; key-weighted is much slower for G >= 4.
+//!   8192 blocks of 128 rows): 0.71 ms at G = 2 (LSH: 0.20 ms), 15.5% of
+//!   the attention at N = 4096; 1.6 / 2.7 ms at G = 4 / 8; key-weighted
+//!   1.4 / 7.7 / 43 ms at G = 2 / 4 / 8.
 //! * **Attention**: `block_rows` in {64, 128} (one CTA per block, so one
 //!   permutation per CTA), `head_dim` = `v_dim` in {32, 64, 128}, G in
 //!   {1, 2, 4, 8} per head (one launch per distinct G; G = 1 heads never

@@ -394,7 +394,32 @@ mod gpu_tests {
         t.assert_explained("small case");
     }
 
-    /// Same inputs, same plan twice (no atomics, no run-to-run variation).
+    /// The widest head (d = 128, full 128-row blocks and a tail) with G = 2
+    /// and 8, both modes: with `small_case`, what compute-sanitizer runs.
+    #[test]
+    fn small_case_wide() {
+        let Some(gpu) = gpu("small_case_wide") else { return };
+        let mut rng = Rng::new(5);
+        let (ql, kl) = (Layout::contiguous(1, 200, 2, 128), Layout::contiguous(1, 150, 1, 128));
+        let q: Vec<bf16> = random_tensor(&mut rng, &ql, 1.0, 0.0);
+        let k: Vec<bf16> = random_tensor(&mut rng, &kl, 1.0, 0.0);
+        let sizes = [2, 8];
+        let mut t = Tally::default();
+        for mode in [GroupingMode::Similarity, GroupingMode::KeyWeighted] {
+            let cfg = Config {
+                block_rows: 128,
+                grouping: mode,
+                group_sizes: GroupSizes::PerHead(&sizes),
+                ..Config::default()
+            };
+            let (plan, _) = gpu_plan::<Bf16>(&gpu, &cfg, (&q, ql), (&k, kl));
+            t.add(compare(&cfg, &plan, (&q, ql), (&k, kl), mode_name(mode)));
+        }
+        t.report("small case, d = 128");
+        t.assert_explained("small case, d = 128");
+    }
+
+    /// Same inputs, same plan twice (nothing depends on thread timing).
     #[test]
     fn gpu_similarity_plan_is_deterministic() {
         let Some(gpu) = gpu("gpu_similarity_plan_is_deterministic") else { return };

@@ -4,7 +4,8 @@
 // reach a barrier, in an order that is reshuffled every time, so a missing
 // __syncthreads shows up as a wrong or varying result. Warp collectives
 // (shuffles, ballots, reductions, mma.sync) exchange values through
-// per-warp buffers between warp barriers; a block barrier reached while
+// per-warp buffers between warp barriers (ldmatrix reads the lanes' row
+// addresses the same way); a block barrier reached while
 // some lanes wait at a warp barrier (divergence) aborts.
 #pragma once
 
@@ -35,6 +36,13 @@ struct uint2 {
     uint32_t x, y;
 };
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 
 struct __nv_bfloat16 {
     uint16_t bits;
@@ -262,6 +270,23 @@ inline uint32_t __reduce_min_sync(unsigned mask, uint32_t v) {
     return r;
 }
 
+inline uint32_t __shfl_sync(unsigned mask, uint32_t v, int src) {
+    if (mask != 0xffffffffu) std::abort();
+    return emu::exchange(v, src & 31);
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __ffs(uint32_t x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline uint32_t atomicOr(uint32_t* p, uint32_t v) {
+    const uint32_t o = *p;
+    *p = o | v;
+    return o;
+}
+inline uint32_t atomicAnd(uint32_t* p, uint32_t v) {
+    const uint32_t o = *p;
+    *p = o & v;
+    return o;
+}
+
 inline unsigned char* da_emu_smem() { return emu::g_block->smem.data(); }
 
 namespace da {
@@ -279,6 +304,28 @@ template <> struct Num<__nv_bfloat16> {
 inline float emu_elem(uint32_t reg, int hi, bool bf16) {
     const uint16_t h = static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xffff);
     return bf16 ? __bfloat162float(__nv_bfloat16{h}) : __half2float(__half{h});
+}
+
+// Shared-memory "addresses" are offsets from the CTA's shared memory.
+inline uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::g_block->smem.data());
+}
+
+// ldmatrix.x4.trans: lane 8i + r gives the address of row r of matrix i; lane
+// l receives in register i the elements (2 (l % 4), l / 4) and (2 (l % 4) + 1,
+// l / 4) of matrix i (PTX ISA, ldmatrix with .trans).
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    uint32_t all[32];
+    emu::gather<uint32_t>(addr, all);
+    const unsigned l = emu::lane();
+    for (int i = 0; i < 4; ++i) {
+        uint16_t h[2];
+        for (int e = 0; e < 2; ++e) {
+            const unsigned char* row = emu::g_block->smem.data() + all[8 * i + 2 * (l % 4) + e];
+            std::memcpy(&h[e], row + 2 * (l / 4), 2);
+        }
+        r[i] = static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+    }
 }
 
 // mma.sync.m16n8k16 row.col with f32 accumulation (PTX ISA fragment layouts).

@@ -90,23 +90,24 @@ int main(int argc, char** argv) {
         p.heads_per_kv = kv_heads ? heads / kv_heads : 1;
         p.head_map_len = 0;
         void (*kern)(SimPlanParams) = nullptr;
+        int smem = 0;
         switch (g * 2 + kw) {
-            case 2: kern = XSIM(DA_SIMPLAN_DIM, 1); break;
-            case 4: kern = XSIM(DA_SIMPLAN_DIM, 2); break;
-            case 8: kern = XSIM(DA_SIMPLAN_DIM, 4); break;
-            case 16: kern = XSIM(DA_SIMPLAN_DIM, 8); break;
-            case 5: kern = XKW(DA_SIMPLAN_DIM, 2); break;
-            case 9: kern = XKW(DA_SIMPLAN_DIM, 4); break;
-            case 17: kern = XKW(DA_SIMPLAN_DIM, 8); break;
+            case 2: kern = XSIM(DA_SIMPLAN_DIM, 1); smem = da::SimTraits<D, 1>::kSmem; break;
+            case 4: kern = XSIM(DA_SIMPLAN_DIM, 2); smem = da::SimTraits<D, 2>::kSmem; break;
+            case 8: kern = XSIM(DA_SIMPLAN_DIM, 4); smem = da::SimTraits<D, 4>::kSmem; break;
+            case 16: kern = XSIM(DA_SIMPLAN_DIM, 8); smem = da::SimTraits<D, 8>::kSmem; break;
+            case 5: kern = XKW(DA_SIMPLAN_DIM, 2); smem = da::SimTraits<D, 2>::kSmem; break;
+            case 9: kern = XKW(DA_SIMPLAN_DIM, 4); smem = da::SimTraits<D, 4>::kSmem; break;
+            case 17: kern = XKW(DA_SIMPLAN_DIM, 8); smem = da::SimTraits<D, 8>::kSmem; break;
             default: std::printf("%s: unsupported G %u\n", argv[ai], g); return 2;
         }
         long long switches = 0;
-        emu::launch(kern, p, batch * heads * blocks, da::kSimThreads, g == 1 ? 0 : da::SimTraits<D>::kSmem,
+        emu::launch(kern, p, batch * heads * blocks, da::kSimThreads, g == 1 ? 0 : smem,
                     1234 + ai, &switches);
 #ifdef DA_EMU_COUNT
         {
             const double nb = double(batch) * heads * blocks;
-            const char* names[] = {"scan r1", "scan r2", "scan r3", "match iters", "eval_pair", "", "accepts", "passes", "rescanning threads x iters"};
+            const char* names[] = {"", "", "", "match iters", "pair evaluations", "", "accepts", "passes", "searches"};
             for (int i = 0; i < 9; ++i) if (names[i][0]) std::printf("  %s: %.1f per CTA\n", names[i], da_counts[i] / nb);
             std::fill(std::begin(da_counts), std::end(da_counts), 0);
         }
