@@ -77,5 +77,6 @@ if [[ $what == *bench* ]]; then
     $t /tmp/devbin/bench --json "$out/ours.json" $q 2>&1 | tee "$out/bench.log" || status=1
     python3 "$peer" --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
 fi
-(cd "$out" && tar czf logs.tgz --exclude logs.tgz . && find . -type f ! -name logs.tgz ! -name ours.json -delete)
+(cd "$out" && tar czf /tmp/logs.tgz --exclude logs.tgz . && mv /tmp/logs.tgz . \
+    && find . -type f ! -name logs.tgz ! -name ours.json -delete)
 exit $status
