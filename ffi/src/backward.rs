@@ -93,6 +93,53 @@ pub unsafe extern "C" fn da_exact_attention_backward(
     boundary(|| unsafe { backward(ctx, config, None, [q, k, v, o, d_out], (lse, lse_len), [dq, dk, dv]) })
 }
 
+/// The eight descriptors of a backward call (CPU or CUDA), read in argument
+/// order: `[q, k, v, o, d_out]` and `[dq, dk, dv]`.
+///
+/// # Safety
+/// Each pointer NULL or a readable host struct.
+pub(crate) unsafe fn read_backward_tensors(
+    [q, k, v, o, d_out]: [*const da_tensor; 5],
+    [dq, dk, dv]: [*const da_tensor; 3],
+) -> FfiResult<([HostTensor; 5], [HostTensor; 3])> {
+    // SAFETY (the reads): forwarded contract.
+    unsafe {
+        let inputs = [
+            HostTensor::read(q, Operand::Q)?,
+            HostTensor::read(k, Operand::K)?,
+            HostTensor::read(v, Operand::V)?,
+            HostTensor::read(o, Operand::Output)?,
+            HostTensor::read(d_out, Operand::DOut)?,
+        ];
+        let grads = [
+            HostTensor::read(dq, Operand::DQ)?,
+            HostTensor::read(dk, Operand::DK)?,
+            HostTensor::read(dv, Operand::DV)?,
+        ];
+        Ok((inputs, grads))
+    }
+}
+
+/// The forward's log-sum-exp of a backward call: not NULL, at least one float
+/// per (batch, query head, row). Returns its extent and that float count.
+pub(crate) fn forward_lse(
+    lse: *const f32,
+    lse_len: usize,
+    problem: &Problem,
+) -> FfiResult<(ByteRange, usize)> {
+    let needed = problem.lse_len()?;
+    if lse.is_null() {
+        return Err(Failure::new(
+            da_status::NullPointer,
+            "lse: pointer is NULL (the backward pass needs the forward's)",
+        ));
+    }
+    if lse_len < needed {
+        return Err(Error::BufferTooSmall { operand: Operand::Lse, needed, got: lse_len }.into());
+    }
+    Ok((ByteRange::of_buffer(lse, needed, Operand::Lse.name())?, needed))
+}
+
 /// Validates every argument of a backward call, then runs it.
 ///
 /// # Safety
@@ -108,14 +155,8 @@ unsafe fn backward(
     // SAFETY (the reads): forwarded contracts.
     let ctx = unsafe { context(ctx)? };
     let settings = unsafe { read_config(config)? };
-    let q = unsafe { HostTensor::read(q, Operand::Q)? };
-    let k = unsafe { HostTensor::read(k, Operand::K)? };
-    let v = unsafe { HostTensor::read(v, Operand::V)? };
-    let o = unsafe { HostTensor::read(o, Operand::Output)? };
-    let d_out = unsafe { HostTensor::read(d_out, Operand::DOut)? };
-    let dq = unsafe { HostTensor::read(dq, Operand::DQ)? };
-    let dk = unsafe { HostTensor::read(dk, Operand::DK)? };
-    let dv = unsafe { HostTensor::read(dv, Operand::DV)? };
+    let ([q, k, v, o, d_out], [dq, dk, dv]) =
+        unsafe { read_backward_tensors([q, k, v, o, d_out], [dq, dk, dv])? };
     k.expect_dtype(q.dtype, "must equal q's dtype")?;
     v.expect_dtype(q.dtype, "must equal q's dtype")?;
     o.expect_dtype(DType::F32, "the forward's output is")?;
@@ -129,18 +170,8 @@ unsafe fn backward(
     let cfg = unsafe { settings.config(problem.q_heads, group_sizes)? };
     cfg.validate(problem.q_heads, problem.head_dim)?;
 
-    let lse_needed = problem.lse_len()?;
-    if lse.is_null() {
-        return Err(Failure::new(
-            da_status::NullPointer,
-            "lse: pointer is NULL (the backward pass needs it)",
-        ));
-    }
-    if lse_len < lse_needed {
-        return Err(Error::BufferTooSmall { operand: Operand::Lse, needed: lse_needed, got: lse_len }.into());
-    }
-    let mut read = vec![q.range, k.range, v.range, o.range, d_out.range];
-    read.push(ByteRange::of_buffer(lse, lse_needed, Operand::Lse.name())?);
+    let (lse_range, lse_needed) = forward_lse(lse, lse_len, &problem)?;
+    let mut read = vec![q.range, k.range, v.range, o.range, d_out.range, lse_range];
     let shape = PlanShape::new(&cfg, &q.layout)?;
     let plan_entries = shape.num_entries()?;
     if let Some((plan, plan_len)) = plan {

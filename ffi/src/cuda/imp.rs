@@ -16,6 +16,7 @@ use distr_attention_cuda::{
 
 use super::{da_cuda_context, Backward, Mode};
 use crate::api::{output_buffer, plan_settings};
+use crate::backward::{forward_lse, read_backward_tensors};
 use crate::error::{Failure, FfiResult};
 use crate::status::da_status;
 use crate::types::{check_disjoint, da_config, da_tensor, read_config, read_layout, ByteRange, HostTensor};
@@ -578,18 +579,9 @@ pub(crate) unsafe fn check_backward_call<'a>(
     args: &Backward,
     storage: &'a mut Vec<usize>,
 ) -> FfiResult<CheckedBackward<'a>> {
-    let [q, k, v, o, d_out] = args.inputs;
-    let [dq, dk, dv] = args.grads;
     // SAFETY (the reads): forwarded contract.
     let settings = unsafe { read_config(config)? };
-    let q = unsafe { HostTensor::read(q, Operand::Q)? };
-    let k = unsafe { HostTensor::read(k, Operand::K)? };
-    let v = unsafe { HostTensor::read(v, Operand::V)? };
-    let o = unsafe { HostTensor::read(o, Operand::Output)? };
-    let d_out = unsafe { HostTensor::read(d_out, Operand::DOut)? };
-    let dq = unsafe { HostTensor::read(dq, Operand::DQ)? };
-    let dk = unsafe { HostTensor::read(dk, Operand::DK)? };
-    let dv = unsafe { HostTensor::read(dv, Operand::DV)? };
+    let ([q, k, v, o, d_out], [dq, dk, dv]) = unsafe { read_backward_tensors(args.inputs, args.grads)? };
     let problem = Problem::new(&q.layout, &k.layout, &v.layout)?;
     // SAFETY: forwarded contract (the per-head group sizes).
     let mut cfg = unsafe { settings.config(problem.q_heads, storage)? };
@@ -597,19 +589,8 @@ pub(crate) unsafe fn check_backward_call<'a>(
         cfg = exact(cfg, &problem)?;
     }
 
-    let lse_needed = problem.lse_len()?;
-    if args.lse.is_null() {
-        return Err(Failure::new(
-            da_status::NullPointer,
-            "lse: pointer is NULL (the backward pass needs the forward's)",
-        ));
-    }
-    if args.lse_len < lse_needed {
-        let got = args.lse_len;
-        return Err(Error::BufferTooSmall { operand: Operand::Lse, needed: lse_needed, got }.into());
-    }
-    let mut read = vec![q.range, k.range, v.range, o.range, d_out.range];
-    read.push(ByteRange::of_buffer(args.lse, lse_needed, Operand::Lse.name())?);
+    let (lse_range, _) = forward_lse(args.lse, args.lse_len, &problem)?;
+    let mut read = vec![q.range, k.range, v.range, o.range, d_out.range, lse_range];
     let shape = PlanShape::new(&cfg, &q.layout)?;
     let mut plan = None;
     if let Some((ptr, plan_len)) = args.plan {
