@@ -149,6 +149,15 @@ fn statuses_of_the_cuda_entry_points() {
     assert_eq!(text(da_status::CudaUnavailable), "this library was built without CUDA");
 }
 
+/// Addresses of a fake device heap, 1 GiB apart: the checks compute with them
+/// and never read them (nothing is mapped there, so a read would crash the test).
+#[cfg(feature = "cuda")]
+fn addr(slot: usize) -> *const core::ffi::c_void {
+    const HEAP: usize = 0x4000_0000_0000;
+    const SPAN: usize = 1 << 30;
+    (HEAP + slot * SPAN) as *const core::ffi::c_void
+}
+
 #[cfg(feature = "cuda")]
 mod checks {
     use core::ffi::c_void;
@@ -157,19 +166,11 @@ mod checks {
     use distr_attention_core::Layout;
 
     use super::super::{config, desc_raw, expect};
+    use super::addr;
     use crate::cuda::imp::{check_call, PlanOut};
     use crate::cuda::Mode;
     use crate::error::boundary;
     use crate::*;
-
-    /// Addresses of a fake device heap: the checks compute with them and never
-    /// read them (nothing is mapped there, so a read would crash the test).
-    const HEAP: usize = 0x4000_0000_0000;
-    const SPAN: usize = 1 << 30;
-
-    fn addr(slot: usize) -> *const c_void {
-        (HEAP + slot * SPAN) as *const c_void
-    }
 
     /// A valid call: bf16 Q [2, 100, 4, 64], K and V [2, 100, 2, 64], bf16
     /// output, lse and a plan of the right sizes; causal, G = 2, l = 64.
@@ -472,17 +473,11 @@ mod backward_checks {
     use distr_attention_core::{DType, Layout, Problem};
 
     use super::super::{config, desc_raw, expect};
+    use super::addr;
     use crate::cuda::imp::{check_backward_call, BackwardWorkspace};
     use crate::cuda::Backward;
     use crate::error::boundary;
     use crate::*;
-
-    const HEAP: usize = 0x4000_0000_0000;
-    const SPAN: usize = 1 << 30;
-
-    fn addr(slot: usize) -> *const c_void {
-        (HEAP + slot * SPAN) as *const c_void
-    }
 
     /// A valid backward call: bf16 Q [2, 100, 6, 64], K and V [2, 90, 2, 64]
     /// (GQA 3:1), f32 O, bf16 dO, f32 dQ, bf16 dK and dV, causal, G = 2,
