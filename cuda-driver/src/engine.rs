@@ -365,8 +365,9 @@ impl Engine {
     /// `[batch][heads][blocks][head_dim]`, at least
     /// [`PlanShape::num_entries`] entries), asynchronously on `stream`.
     ///
-    /// LSH: dot products are accumulated in f32 (the core's CPU plan uses
-    /// f64): the two agree except where a projection's dot product is within
+    /// LSH: dot products run on tensor cores with f32 accumulation (R split
+    /// exactly into three parts of Q's type; the core's CPU plan uses f64):
+    /// the two agree except where a projection's dot product is within
     /// rounding of zero. `GroupingMode::Similarity` runs the similarity plan
     /// kernel (see [`Engine::plan_with_keys_raw`]); `KeyWeighted` needs the
     /// keys and is refused here, as by the core's `plan`.
@@ -392,11 +393,16 @@ impl Engine {
         let (l, p, d) = (cfg.block_rows, cfg.num_projections as usize, shape.head_dim);
         let pmax = [8, 16, 32].into_iter().find(|&m| p <= m).expect("P <= 32 is validated");
         let name = format!("da_plan_{}_p{pmax}", if q.dtype == DType::BF16 { "bf16" } else { "f16" });
-        // kernels/plan.cu: R with rows padded to a multiple of 4 plus 4 floats,
-        // then 128 u64 keys per warp.
-        let row_pitch = p.div_ceil(4) * 4 + 4;
-        let smem = (l * row_pitch * 4).div_ceil(16) * 16 + 8 * 128 * 4;
-        let f = self.loaded.function("plan", &name, false)?;
+        // kernels/plan.cu (plan_smem_bytes): R's three parts [3 pmax][lp + 8],
+        // two Q tiles [lp][d + 8] (T), d sort keys (u32 for pmax <= 16, else
+        // u64), partial ranks (one i32 per thread). Its CTA size is
+        // plan_threads(d): 8 warps at d = 128, else 4.
+        let threads: u32 = if d > 64 { 256 } else { 128 };
+        let lp = l.div_ceil(16) * 16;
+        let key_bytes = if pmax <= 16 { 4 } else { 8 };
+        let smem = 3 * pmax * (lp + 8) * 2 + 2 * lp * (d + 8) * 2 + d * key_bytes + 4 * threads as usize;
+        let f = self.loaded.function("plan", &name, true)?;
+        debug_assert!(smem <= f.smem as usize, "the kernel's limit covers block_rows = head_dim = 128");
         let lay = &q.layout;
         let params = PlanParams {
             q: q.ptr,
@@ -415,18 +421,18 @@ impl Engine {
             batch: i32::try_from(lay.batch)
                 .map_err(|_| distr_attention_core::Error::SizeOverflow { operand: Operand::Q })?,
         };
-        // A persistent grid of resident CTAs (one wave): a warp per (batch,
-        // head, block), four per CTA.
+        // A persistent grid of resident CTAs (one wave), each walking blocks
+        // one at a time.
         let mut per_sm = 0i32;
         check!(cuOccupancyMaxActiveBlocksPerMultiprocessor(
             &mut per_sm,
             f.handle as cu::CUfunction,
-            THREADS as i32,
+            threads as i32,
             smem
         ));
         let units = shape.num_blocks();
-        let grid = units.div_ceil(4).min(self.sm_count * per_sm.max(1) as usize).max(1);
-        self.launch(f, (grid as u32, 1, 1), THREADS, smem as u32, &params, stream)?;
+        let grid = units.min(self.sm_count * per_sm.max(1) as usize).max(1);
+        self.launch(f, (grid as u32, 1, 1), threads, smem as u32, &params, stream)?;
         Ok(shape)
     }
 
