@@ -3,7 +3,11 @@
 # translation unit for sm_90a with `-Xptxas -v` and fails unless every
 # da_hfwd_* kernel has no stack frame and no spills (ptxas report), contains
 # HGMMA (wgmma) instructions and no local-memory access (LDL/STL) in its
-# SASS (cuobjdump --dump-sass).
+# SASS (cuobjdump --dump-sass), ptxas reports no serialised or compiler-
+# injected wgmma waits (C7510-C7519), and the consumers' softmax overlaps the
+# P V GEMM: at least 64 MUFU.EX2 (one tile's exponentials per thread) between
+# a `wgmma.wait_group 1` (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the next
+# `wait_group 0`.
 #
 #   bash kernels/check_sass.sh [outdir]
 #
@@ -52,10 +56,14 @@ for name, body in re.findall(r"Function properties for (\S+)\n(.*?)(?=Compiling 
     code = m.group(1) if m else ""
     hgmma = len(re.findall(r"\bHGMMA\.", code))
     local = len(re.findall(r"\b(?:LDL|STL)\b", code))
-    good = stack == 0 and sum(spills) == 0 and hgmma > 0 and local == 0
+    serial = len(re.findall(r"\(C751\d\)[^\n]*'" + re.escape(name) + "'", ptxas))
+    overlap = max([len(re.findall(r"MUFU\.EX2", w)) for w in
+                   re.findall(r"DEPBAR\.LE gsb0, 0x1 ;(.*?)DEPBAR\.LE gsb0, 0x0 ;", code, re.S)] or [0])
+    good = stack == 0 and sum(spills) == 0 and hgmma > 0 and local == 0 and serial == 0 and overlap >= 64
     ok &= good
     print(f"{'ok  ' if good else 'FAIL'} {name}: {regs} registers (cap at entry), stack {stack} B, "
-          f"spills {sum(spills)} B, HGMMA {hgmma}, LDL/STL {local}")
+          f"spills {sum(spills)} B, HGMMA {hgmma}, LDL/STL {local}, wgmma serialised {serial}, "
+          f"EX2 under the P V GEMM {overlap}")
 sys.exit(0 if ok else 1)
 PY
     done

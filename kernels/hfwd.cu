@@ -16,7 +16,8 @@
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
-//       O += P V (wgmma, P from registers, V transposed from shared memory).
+//       O += P V (wgmma, P from registers, V transposed from shared memory);
+//       the softmax of tile j runs while P_{j-1} V_{j-1} is in the tensor pipe.
 // Stages (3 or 4, HTraits::S): full[s] (producer -> consumers: the TMA bytes
 // of the stage plus, for G > 1, 128 producer arrivals after Khat was written
 // and fenced with fence.proxy.async), empty[s] (consumers -> producer: one
@@ -74,6 +75,7 @@ struct HTraits {
     static constexpr int kVBytes = BN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kOffBar = 0;                 // full[S], empty[S], kraw_full[2]
+    static constexpr int kOffZero = 248;              // a u32 0 (pins the consumers' wait, see there)
     static constexpr int kOffOff = 256;               // sigma as byte offsets into a raw Q row, D x u32
     static constexpr int kOffKTOff = kOffOff + 4 * D; // sigma as K^T row offsets (with swizzle), D x u16
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
@@ -97,7 +99,7 @@ struct HTraits {
     static constexpr int kSmem = kOffStage + S * kStageBytes + (kFused && !kQrawAlias ? kQrawBytes : 0);
     static_assert(S >= 3 && kSmem <= 227 * 1024, "shared memory");
     static_assert(!kQrawAlias || (kQrawBytes <= kStageBytes && KW == DG), "raw Q fits in a stage with no Khat pad");
-    static_assert(kOffKTOff + 2 * D <= kOffQ && 8 * (2 * S + 2) <= kOffOff, "barriers and tables");
+    static_assert(kOffKTOff + 2 * D <= kOffQ && 8 * (2 * S + 2) <= kOffZero, "barriers and tables");
     static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0 && kHalfBytes % 1024 == 0,
                   "swizzle atoms");
     static_assert(DG % 8 == 0, "Khat is written in 8-column blocks");
@@ -262,6 +264,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         }
         mbar_init(bar_kraw, 1);
         mbar_init(bar_kraw + 8, 1);
+        *reinterpret_cast<uint32_t*>(smem + Tr::kOffZero) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if constexpr (Tr::kFused) {
@@ -603,30 +606,20 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         const float scale_log2 = p.scale_log2;
         const int row_base = r0 + warp * 16 + lane / 4;   // + 8 * r
 
-        // Per tile, in order: S = Qhat Khat^T, wait, mask + softmax, O += P V,
-        // wait (the two consumer warpgroups overlap each other). Issuing S_j
-        // together with P_{j-1} V_{j-1} measured slower (kernels/NOTES.md, v4).
+        // FlashAttention-3's intra-warpgroup order: tile j issues S_j and then
+        // P_{j-1} V_{j-1} (two commit groups), waits for S_j only, masks and
+        // runs the softmax of tile j while P_{j-1} V_{j-1} is in the tensor
+        // pipe, then waits for it, releases stage j-1, rescales O by tile j's
+        // correction and packs P_j. The arithmetic and its order per element
+        // are those of the serial order (O *= corr_j, then O += P_j V_j).
+        // ptxas hoists `wgmma.wait_group 0` (it has no operands, and waiting
+        // early is always correct) to just after the mask, which serialises
+        // the softmax behind the P V GEMM again (v4); a store that depends on
+        // the softmax's row sums, predicated on a shared word that is always 0
+        // (ptxas cannot tell), pins the wait below the softmax.
+        const bool never = *reinterpret_cast<volatile const uint32_t*>(smem + Tr::kOffZero) != 0u;
         uint32_t pf[BN / 16][4];
-        auto issue_pv = [&](int jj) {
-            const uint32_t vst = sbase + Tr::kOffStage + (jj % S) * Tr::kStageBytes + Tr::kKBytes;
-            const uint64_t desc_v = make_desc(vst, BN * 128, 1024, 1);
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
-        };
-
-        HClock<(kAblate & 16) != 0> c_all, c_full;
-        c_all.start();
-        for (int j = 0; j < n_tiles; ++j) {
-            const int s = j % S;
-            const int n0 = j * BN;
-            const uint32_t kst = sbase + Tr::kOffStage + s * Tr::kStageBytes;
-            c_full.start();
-            mbar_wait(bar_full + 8 * s, (j / S) & 1);
-            c_full.stop();
-
-            // ---- S = Qhat Khat^T ----
-            float acc_s[BN / 2];
-            wgmma_fence();
+        auto issue_s = [&](float (&acc_s)[BN / 2], uint32_t kst) {
 #pragma unroll
             for (int kk = 0; kk < KC / 16; ++kk) {
                 if constexpr (Tr::kFused) {
@@ -637,11 +630,16 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     else Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), 1);
                 }
             }
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc_s);
-
-            // ---- mask: key tail and bottom-right causal ----
+        };
+        auto issue_pv = [&](int jj) {
+            const uint32_t vst = sbase + Tr::kOffStage + (jj % S) * Tr::kStageBytes + Tr::kKBytes;
+            const uint64_t desc_v = make_desc(vst, BN * 128, 1024, 1);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_o, pf[kk], desc_v + kk * (2048 >> 4), 1);
+        };
+        // Mask (key tail, bottom-right causal) and online softmax of the tile
+        // at key n0 (base 2; a row's values live in a lane quad); P in acc_s.
+        auto softmax = [&](float (&acc_s)[BN / 2], int n0, float (&corr_r)[2]) {
             const bool need_mask = (n0 + BN > n_kv) || (p.causal && n0 + BN - 1 > r0 + n_kv - n_q);
             if (need_mask) {
 #pragma unroll
@@ -657,9 +655,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                         }
                 }
             }
-
-            // ---- online softmax (base 2; a row's values live in a lane quad) ----
-            float corr_r[2] = {1.f, 1.f};
+            corr_r[0] = corr_r[1] = 1.f;
             if constexpr (!(kAblate & 4)) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
@@ -685,8 +681,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     corr_r[r] = corr;
                 }
             }
-
-            // ---- O rescaled, P packed, O += P V ----
+        };
+        // O *= corr, P packed into pf.
+        auto rescale_pack = [&](const float (&acc_s)[BN / 2], const float (&corr_r)[2]) {
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -695,18 +692,55 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     acc_o[dt * 4 + 2 * r + 1] *= corr_r[r];
                 }
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                pf[kk][0] = Nm::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-                pf[kk][1] = Nm::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-                pf[kk][2] = Nm::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-                pf[kk][3] = Nm::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-            }
+            for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) pf[kk][i] = Nm::pack(acc_s[8 * kk + 2 * i], acc_s[8 * kk + 2 * i + 1]);
+        };
+
+        HClock<(kAblate & 16) != 0> c_all, c_full;
+        c_all.start();
+        if (n_tiles > 0) {
+            // Tile 0: S_0, wait, softmax, P_0 packed.
+            c_full.start();
+            mbar_wait(bar_full, 0);
+            c_full.stop();
+            float acc_s[BN / 2], corr_r[2];
             wgmma_fence();
-            issue_pv(j);
+            issue_s(acc_s, sbase + Tr::kOffStage);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(acc_s);
+            softmax(acc_s, 0, corr_r);
+            rescale_pack(acc_s, corr_r);
+        }
+        for (int j = 1; j < n_tiles; ++j) {
+            const int s = j % S;
+            c_full.start();
+            mbar_wait(bar_full + 8 * s, (j / S) & 1);
+            c_full.stop();
+            float acc_s[BN / 2], corr_r[2];
+            wgmma_fence();
+            issue_s(acc_s, sbase + Tr::kOffStage + s * Tr::kStageBytes);
+            wgmma_commit();
+            issue_pv(j - 1);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs(acc_s);
+            softmax(acc_s, j * BN, corr_r);
+            fence_regs(acc_s);
+            if (never) *reinterpret_cast<volatile float*>(smem + Tr::kOffZero) = row_l[0] + row_l[1];
+            wgmma_wait<0>();
+            fence_regs(acc_o);
+            if (lane == 0) mbar_arrive(bar_empty + 8 * ((j - 1) % S));
+            rescale_pack(acc_s, corr_r);
+        }
+        if (n_tiles > 0) {
+            wgmma_fence();
+            issue_pv(n_tiles - 1);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc_o);
-            if (lane == 0) mbar_arrive(bar_empty + 8 * s);
+            if (lane == 0) mbar_arrive(bar_empty + 8 * ((n_tiles - 1) % S));
         }
         c_all.stop();
         c_all.flush(5, tid == 128);
