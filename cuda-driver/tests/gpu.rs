@@ -18,90 +18,6 @@ use distr_attention::{plan, Config, Element, Fusion, GroupSizes, Layout, PlanSha
 use distr_attention_cuda::{Bf16, GpuElement, F16};
 use half::{bf16, f16};
 
-fn tol(is_bf16: bool) -> (f64, f64) {
-    if is_bf16 {
-        (2e-2, 3e-2)
-    } else {
-        (5e-3, 8e-3)
-    }
-}
-
-/// One random problem.
-#[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    n: usize,
-    m: usize,
-    hq: usize,
-    hkv: usize,
-    d: usize,
-    block_rows: usize,
-    g: Vec<usize>,
-    fusion: Fusion,
-    causal: bool,
-    bf16: bool,
-    out_f32: bool,
-    strided: bool,
-    lse: bool,
-}
-
-impl Case {
-    fn random(rng: &mut Rng) -> Case {
-        let d = rng.pick(&[32, 64, 128]);
-        let hkv = rng.pick(&[1, 2]);
-        let hq = hkv * rng.pick(&[1, 2, 3]);
-        let per_head = rng.below(4) == 0;
-        let g = if per_head {
-            (0..hq).map(|_| rng.pick(&[1, 2, 4, 8])).collect()
-        } else {
-            vec![rng.pick(&[1, 2, 2, 4, 8])]
-        };
-        Case {
-            batch: rng.pick(&[1, 2]),
-            n: 1 + rng.below(300),
-            m: 1 + rng.below(300),
-            hq,
-            hkv,
-            d,
-            block_rows: rng.pick(&[64, 128]),
-            g,
-            fusion: rng.pick(&[Fusion::Mean, Fusion::Sample]),
-            causal: rng.below(2) == 0,
-            bf16: rng.below(2) == 0,
-            out_f32: rng.below(2) == 0,
-            strided: rng.below(2) == 0,
-            lse: rng.below(4) != 0,
-        }
-    }
-
-    fn config(&self) -> Config<'_> {
-        let group_sizes = group_sizes(&self.g);
-        Config {
-            block_rows: self.block_rows,
-            group_sizes,
-            fusion: self.fusion,
-            causal: self.causal,
-            seed: 7,
-            ..Config::with_group_size(1)
-        }
-    }
-
-    fn layouts(&self) -> (Layout, Layout, Layout, Layout) {
-        let (b, n, m, hq, hkv, d) = (self.batch, self.n, self.m, self.hq, self.hkv, self.d);
-        if self.strided {
-            (
-                strided(b, n, hq, d, 8),
-                strided(b, m, hkv, d, 16),
-                strided(b, m, hkv, d, 8),
-                strided(b, n, hq, d, 2),
-            )
-        } else {
-            let c = Layout::contiguous;
-            (c(b, n, hq, d), c(b, m, hkv, d), c(b, m, hkv, d), c(b, n, hq, d))
-        }
-    }
-}
-
 /// Runs a case on the GPU and compares with the reference on the GPU's plan;
 /// returns (max head error, LSE error).
 fn check_case(gpu: &Gpu, case: &Case, seed: u64) -> (f64, f64) {
@@ -117,47 +33,10 @@ where
     G: GpuElement,
     G::Host: Element,
 {
-    let mut rng = Rng::new(seed);
-    let (ql, kl, vl, ol) = case.layouts();
-    let q: Vec<G::Host> = random_tensor(&mut rng, &ql, 1.0, 0.0);
-    let k: Vec<G::Host> = random_tensor(&mut rng, &kl, 1.0, 0.0);
-    let v: Vec<G::Host> = random_tensor(&mut rng, &vl, 1.0, 0.0);
-    let cfg = case.config();
-    let run = if case.out_f32 {
-        run_gpu::<G, f32>(gpu, &cfg, (&q, ql), (&k, kl), (&v, vl), ol, case.lse)
-    } else if case.bf16 {
-        run_gpu::<G, Bf16>(gpu, &cfg, (&q, ql), (&k, kl), (&v, vl), ol, case.lse)
-    } else {
-        run_gpu::<G, F16>(gpu, &cfg, (&q, ql), (&k, kl), (&v, vl), ol, case.lse)
-    };
-    assert_eq!(run.unwritten, 0, "{case:?}: output elements left unwritten");
-    assert_eq!(run.stray_writes, 0, "{case:?}: writes outside the output layout");
-    let plan = run.plan.as_deref().zip(run.plan_shape);
-    let (reference, ref_lse, dense) = reference_on(&cfg, plan, (&q, ql), (&k, kl), (&v, vl));
-    let out = densify(&run.out, &ol, &dense);
-    assert!(out.iter().all(|x| x.is_finite()), "{case:?}: non-finite output");
-    let err = max_head_error(&out, &reference, &dense);
-    let (tol_o, tol_lse) = tol(case.bf16);
-    assert!(err <= tol_o, "{case:?}: max head relative error {err:.3e} > {tol_o:.0e}");
-    let mut lse_err = 0.0;
-    if let Some(lse) = &run.lse {
-        let (e, inf_mismatch) = lse_error(lse, &ref_lse);
-        assert_eq!(inf_mismatch, 0, "{case:?}: LSE -inf / NaN mismatches");
-        assert!(e <= tol_lse, "{case:?}: LSE error {e:.3e} > {tol_lse:.0e}");
-        lse_err = e;
-    }
-    // Rows that see no key (causal, N > M) are exactly zero.
-    let p = Problem::new(&ql, &kl, &vl).unwrap();
-    for i in 0..p.q_len {
-        if p.key_limit(case.config().causal, i) == 0 {
-            for b in 0..p.batch {
-                for h in 0..p.q_heads {
-                    let o = dense.offset(b, i, h);
-                    assert!(out[o..o + p.v_dim].iter().all(|&x| x == 0.0), "{case:?}: row {i} sees no key");
-                }
-            }
-        }
-    }
+    let (q, k, v) = case.inputs::<G::Host>(seed);
+    let run = case.run::<G>(&gpu.engine, &gpu.stream, &q, &k, &v);
+    let reference = case.reference(&run, &q, &k, &v);
+    let (_, err, lse_err) = case.check("GPU", &run, &reference);
     (err, lse_err)
 }
 
@@ -168,7 +47,7 @@ fn random_shapes_match_the_reference_on_the_gpu_plan() {
     let (mut worst_bf16, mut worst_f16, mut worst_lse) = (0f64, 0f64, 0f64);
     let cases = 80;
     for i in 0..cases {
-        let case = Case::random(&mut rng);
+        let case = Case::random(&mut rng, &[32, 64, 128], 300, None);
         let (err, lse) = check_case(&gpu, &case, 1000 + i);
         if case.bf16 {
             worst_bf16 = worst_bf16.max(err);
@@ -419,7 +298,7 @@ fn real_data_fixtures_match_the_reference() {
                     acts.path.file_name().unwrap().to_string_lossy(),
                     if is_bf16 { "bf16" } else { "f16" }
                 );
-                assert!(worst <= tol(is_bf16).0, "error {worst} vs reference on the GPU plan");
+                assert!(worst <= tolerances(is_bf16).0, "error {worst} vs reference on the GPU plan");
                 if g == 1 {
                     assert!(gm < if is_bf16 { 1e-2 } else { 2e-3 }, "exact mode vs o_exact: {gm}");
                 } else {
@@ -470,7 +349,7 @@ fn per_head_group_sizes_over_many_heads() {
         reference_on(&cfg, run.plan.as_deref().zip(run.plan_shape), (&q, ql), (&k, kl), (&v, kl));
     let err = max_head_error(&run.out[..reference.len()], &reference, &dense);
     println!("per-head G over {hq} heads: max head error {err:.3e}");
-    assert!(err <= tol(true).0);
+    assert!(err <= tolerances(true).0);
 }
 
 /// The compute_80 PTX image, JIT-compiled by the driver, computes the same.
@@ -478,7 +357,6 @@ fn per_head_group_sizes_over_many_heads() {
 fn ptx_image_matches_the_native_image() {
     let Some(gpu) = gpu("ptx_image_matches_the_native_image") else { return };
     let ptx = distr_attention_cuda::Engine::with_image(Some(distr_attention_cuda::ImageKind::Ptx)).unwrap();
-    let jit = Gpu2 { engine: ptx, stream: &gpu.stream };
     let case = Case {
         batch: 1,
         n: 150,
@@ -495,60 +373,13 @@ fn ptx_image_matches_the_native_image() {
         strided: false,
         lse: false,
     };
-    let mut rng = Rng::new(3);
+    let (q, k, v) = case.inputs::<bf16>(3);
     let (ql, kl, vl, ol) = case.layouts();
-    let q: Vec<bf16> = random_tensor(&mut rng, &ql, 1.0, 0.0);
-    let k: Vec<bf16> = random_tensor(&mut rng, &kl, 1.0, 0.0);
-    let v: Vec<bf16> = random_tensor(&mut rng, &vl, 1.0, 0.0);
     let cfg = case.config();
     let native = run_gpu::<Bf16, f32>(&gpu, &cfg, (&q, ql), (&k, kl), (&v, vl), ol, false);
-    let jitted = jit.run(&cfg, (&q, ql), (&k, kl), (&v, vl), ol);
-    assert_eq!(native.plan, jitted.0, "plans of both images agree");
-    let diff = native.out.iter().zip(&jitted.1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let jitted = run_gpu_on::<Bf16, f32>(&ptx, &gpu.stream, &cfg, (&q, ql), (&k, kl), (&v, vl), ol, false);
+    assert_eq!(native.plan, jitted.plan, "plans of both images agree");
+    let diff = native.out.iter().zip(&jitted.out).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     println!("PTX (JIT) vs native image: max abs output difference {diff:.3e}");
     assert!(diff <= 1e-5);
-}
-
-struct Gpu2<'a> {
-    engine: distr_attention_cuda::Engine,
-    stream: &'a distr_attention_cuda::cust::stream::Stream,
-}
-
-impl Gpu2<'_> {
-    fn run(
-        &self,
-        cfg: &Config<'_>,
-        q: (&[bf16], Layout),
-        k: (&[bf16], Layout),
-        v: (&[bf16], Layout),
-        ol: Layout,
-    ) -> (Option<Vec<u16>>, Vec<f32>) {
-        use distr_attention_cuda::cust::memory::DeviceBuffer;
-        use distr_attention_cuda::{GpuPlan, GpuTensor, GpuTensorMut};
-        let (dq, dk, dv) = (upload::<Bf16>(q.0), upload::<Bf16>(k.0), upload::<Bf16>(v.0));
-        let shape = PlanShape::new(cfg, &q.1).unwrap();
-        let mut dplan = DeviceBuffer::from_slice(&vec![0u16; shape.num_entries().unwrap()]).unwrap();
-        let mut dout =
-            DeviceBuffer::from_slice(&vec![
-                f32::NAN;
-                ol.required_len(distr_attention::Operand::Output).unwrap() + 16
-            ])
-            .unwrap();
-        let tq = GpuTensor::new(&dq, q.1);
-        self.engine.plan(cfg, &tq, &mut dplan, self.stream).unwrap();
-        self.engine
-            .attention(
-                cfg,
-                Some(&GpuPlan::new(&dplan, shape)),
-                &tq,
-                &GpuTensor::new(&dk, k.1),
-                &GpuTensor::new(&dv, v.1),
-                &mut GpuTensorMut::new(&mut dout, ol),
-                None,
-                self.stream,
-            )
-            .unwrap();
-        self.stream.synchronize().unwrap();
-        (Some(download(&dplan)), download(&dout))
-    }
 }

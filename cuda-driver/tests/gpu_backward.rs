@@ -119,22 +119,7 @@ impl Case {
 
     /// Layouts of Q, K, V, O, dO, dQ, dK, dV.
     fn layouts(&self) -> [Layout; 8] {
-        let (b, n, m, hq, hkv, d) = (self.batch, self.n, self.m, self.hq, self.hkv, self.d);
-        if self.strided {
-            [
-                strided(b, n, hq, d, 8),
-                strided(b, m, hkv, d, 16),
-                strided(b, m, hkv, d, 8),
-                strided(b, n, hq, d, 2),
-                strided(b, n, hq, d, 24),
-                strided(b, n, hq, d, 6),
-                strided(b, m, hkv, d, 2),
-                strided(b, m, hkv, d, 4),
-            ]
-        } else {
-            let (q, k) = (Layout::contiguous(b, n, hq, d), Layout::contiguous(b, m, hkv, d));
-            [q, k, k, q, q, q, k, k]
-        }
+        test_layouts(self.batch, self.n, self.m, self.hq, self.hkv, self.d, self.strided)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use distr_attention::activations::Activations;
 use distr_attention::metrics::head_relative_errors;
 use distr_attention::{
-    reference, Config, Element, GroupSizes, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut,
+    reference, Config, Element, Fusion, GroupSizes, Layout, PlanRef, PlanShape, Problem, Tensor, TensorMut,
 };
 use distr_attention_cuda::cust::context::Context;
 use distr_attention_cuda::cust::memory::{CopyDestination, DeviceBuffer};
@@ -320,6 +320,201 @@ pub fn lse_error(gpu: &[f32], reference: &[f32]) -> (f64, usize) {
         }
     }
     (worst, mismatched_inf)
+}
+
+/// Layouts of Q, K, V, O, dO, dQ, dK, dV for the GPU tests: contiguous, or
+/// BSHD with a different row padding for each (`strided`).
+pub fn test_layouts(
+    b: usize,
+    n: usize,
+    m: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    strided: bool,
+) -> [Layout; 8] {
+    if strided {
+        [(n, hq, 8), (m, hkv, 16), (m, hkv, 8), (n, hq, 2), (n, hq, 24), (n, hq, 6), (m, hkv, 2), (m, hkv, 4)]
+            .map(|(seq, heads, pad)| self::strided(b, seq, heads, d, pad))
+    } else {
+        let (q, k) = (Layout::contiguous(b, n, hq, d), Layout::contiguous(b, m, hkv, d));
+        [q, k, k, q, q, q, k, k]
+    }
+}
+
+/// Tolerances of the forward tests (max over (batch, head) of the relative
+/// Frobenius error; LSE absolute): bf16 2e-2 / 3e-2, f16 5e-3 / 8e-3.
+pub fn tolerances(is_bf16: bool) -> (f64, f64) {
+    if is_bf16 {
+        (2e-2, 3e-2)
+    } else {
+        (5e-3, 8e-3)
+    }
+}
+
+/// One forward problem of the attention tests (gpu.rs and hopper.rs draw
+/// their own from the shapes their kernels serve).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub batch: usize,
+    pub n: usize,
+    pub m: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub block_rows: usize,
+    pub g: Vec<usize>,
+    pub fusion: Fusion,
+    pub causal: bool,
+    pub bf16: bool,
+    pub out_f32: bool,
+    pub strided: bool,
+    pub lse: bool,
+}
+
+impl Case {
+    /// A random problem: head_dim from `dims`, N and M in 1..=`max_len`, 1 or
+    /// 2 KV heads with 1 to 3 query heads each, one G or one per head, both
+    /// fusions, input and output types and layouts; block_rows 64 or 128, or
+    /// `fused_rows` wherever some head has G > 1.
+    pub fn random(rng: &mut Rng, dims: &[usize], max_len: usize, fused_rows: Option<usize>) -> Case {
+        let hkv = rng.pick(&[1, 2]);
+        let hq = hkv * rng.pick(&[1, 2, 3]);
+        let g: Vec<usize> = if rng.below(4) == 0 {
+            (0..hq).map(|_| rng.pick(&[1, 2, 4, 8])).collect()
+        } else {
+            vec![rng.pick(&[1, 2, 2, 4, 8])]
+        };
+        let block_rows = match fused_rows {
+            Some(rows) if g.iter().any(|&x| x > 1) => rows,
+            _ => rng.pick(&[64, 128]),
+        };
+        Case {
+            batch: rng.pick(&[1, 2]),
+            n: 1 + rng.below(max_len),
+            m: 1 + rng.below(max_len),
+            hq,
+            hkv,
+            d: rng.pick(dims),
+            block_rows,
+            g,
+            fusion: rng.pick(&[Fusion::Mean, Fusion::Sample]),
+            causal: rng.below(2) == 0,
+            bf16: rng.below(2) == 0,
+            out_f32: rng.below(2) == 0,
+            strided: rng.below(2) == 0,
+            lse: rng.below(4) != 0,
+        }
+    }
+
+    /// The case's config (projection seed 7).
+    pub fn config(&self) -> Config<'_> {
+        Config {
+            block_rows: self.block_rows,
+            group_sizes: group_sizes(&self.g),
+            fusion: self.fusion,
+            causal: self.causal,
+            seed: 7,
+            ..Config::with_group_size(1)
+        }
+    }
+
+    /// Q, K, V and output layouts: contiguous, or BSHD with padded rows.
+    pub fn layouts(&self) -> (Layout, Layout, Layout, Layout) {
+        let [q, k, v, o, ..] =
+            test_layouts(self.batch, self.n, self.m, self.hq, self.hkv, self.d, self.strided);
+        (q, k, v, o)
+    }
+
+    /// Random Q, K, V (unit variance) from `seed`.
+    pub fn inputs<T: Element>(&self, seed: u64) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let mut rng = Rng::new(seed);
+        let (ql, kl, vl, _) = self.layouts();
+        let q = random_tensor(&mut rng, &ql, 1.0, 0.0);
+        let k = random_tensor(&mut rng, &kl, 1.0, 0.0);
+        let v = random_tensor(&mut rng, &vl, 1.0, 0.0);
+        (q, k, v)
+    }
+
+    /// Plan (where needed) and attention on `engine`, in the case's output
+    /// type; asserts that every output element was written and nothing
+    /// outside the output layout.
+    pub fn run<G>(
+        &self,
+        engine: &Engine,
+        stream: &Stream,
+        q: &[G::Host],
+        k: &[G::Host],
+        v: &[G::Host],
+    ) -> GpuRun
+    where
+        G: GpuElement,
+        G::Host: Element,
+    {
+        let (ql, kl, vl, ol) = self.layouts();
+        let cfg = self.config();
+        let (q, k, v) = ((q, ql), (k, kl), (v, vl));
+        let run = if self.out_f32 {
+            run_gpu_on::<G, f32>(engine, stream, &cfg, q, k, v, ol, self.lse)
+        } else if self.bf16 {
+            run_gpu_on::<G, distr_attention_cuda::Bf16>(engine, stream, &cfg, q, k, v, ol, self.lse)
+        } else {
+            run_gpu_on::<G, distr_attention_cuda::F16>(engine, stream, &cfg, q, k, v, ol, self.lse)
+        };
+        assert_eq!(run.unwritten, 0, "{self:?}: output elements left unwritten");
+        assert_eq!(run.stray_writes, 0, "{self:?}: writes outside the output layout");
+        run
+    }
+
+    /// The core's reference on `run`'s plan: (output, LSE, dense layout).
+    pub fn reference<T: Element>(
+        &self,
+        run: &GpuRun,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> (Vec<f32>, Vec<f32>, Layout) {
+        let (ql, kl, vl, _) = self.layouts();
+        reference_on(&self.config(), run.plan.as_deref().zip(run.plan_shape), (q, ql), (k, kl), (v, vl))
+    }
+
+    /// Checks `run` against `reference` (from [`Case::reference`]): finite,
+    /// max head error and LSE error within [`tolerances`], rows that see no
+    /// key exactly zero. Returns the dense output and the two errors.
+    pub fn check(
+        &self,
+        kernel: &str,
+        run: &GpuRun,
+        reference: &(Vec<f32>, Vec<f32>, Layout),
+    ) -> (Vec<f32>, f64, f64) {
+        let (ref_out, ref_lse, dense) = reference;
+        let (ql, kl, vl, ol) = self.layouts();
+        let out = densify(&run.out, &ol, dense);
+        assert!(out.iter().all(|x| x.is_finite()), "{self:?}: {kernel}: non-finite output");
+        let (tol_o, tol_lse) = tolerances(self.bf16);
+        let err = max_head_error(&out, ref_out, dense);
+        assert!(err <= tol_o, "{self:?}: {kernel}: max head relative error {err:.3e} > {tol_o:.0e}");
+        let mut lse_err = 0.0;
+        if let Some(lse) = &run.lse {
+            let (e, inf_mismatch) = lse_error(lse, ref_lse);
+            assert_eq!(inf_mismatch, 0, "{self:?}: {kernel}: LSE -inf / NaN mismatches");
+            assert!(e <= tol_lse, "{self:?}: {kernel}: LSE error {e:.3e} > {tol_lse:.0e}");
+            lse_err = e;
+        }
+        let p = Problem::new(&ql, &kl, &vl).unwrap();
+        for i in 0..p.q_len {
+            if p.key_limit(self.causal, i) == 0 {
+                for b in 0..p.batch {
+                    for h in 0..p.q_heads {
+                        let o = dense.offset(b, i, h);
+                        let zero = out[o..o + p.v_dim].iter().all(|&x| x == 0.0);
+                        assert!(zero, "{self:?}: {kernel}: row {i} sees no key");
+                    }
+                }
+            }
+        }
+        (out, err, lse_err)
+    }
 }
 
 /// The real-data fixtures of tests/data: `$DISTR_ATTENTION_DATA`, the
