@@ -107,7 +107,8 @@ constexpr int align16(int x) { return (x + 15) / 16 * 16; }
 template <int D, int G>
 struct SimTraits {
     static constexpr int kQP = D + 8;   // Q pitch (elements): conflict-free ldmatrix rows
-    static constexpr int kMP = D + 4;   // matrix pitch (f32): 16-byte rows, conflict-free row scans
+    static constexpr int H = D / 2;     // folded matrix: row v holds the pairs (v, v + k), k = 1..H
+    static constexpr int kMP = H + 4;   // its pitch (f32): 16-byte rows, conflict-free row and anti-diagonal reads
     static constexpr int kQBytes = kMaxRows * kQP * 2;
     static constexpr int kMatBytes = D * kMP * 4;
     static constexpr int n = D / G;                      // groups after the greedy rounds
@@ -209,38 +210,6 @@ __device__ __forceinline__ void gram_tiles(float (&acc)[(D / 16 * (D / 16 + 1) /
     }
 }
 
-// The same tiles of Q^T Q with Q row-major in shared memory ([rows][kQP],
-// rows up to kend zero-filled): A = Q^T and B = Q fragments both by
-// ldmatrix.trans (lane l addresses row l % 8 of matrix l / 8; A's matrices:
-// (k0, m0), (k0, m0 + 8), (k0 + 8, m0), (k0 + 8, m0 + 8); B's: (k0, n0),
-// (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8), giving b0, b1 of both n8 halves).
-template <typename T, int D, int kQP>
-__device__ __forceinline__ void gram_q(float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                       const T* qs, int kend, int warp, int lane) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
-    constexpr bool kBf16 = Num<T>::kBf16;
-    const int mi = lane >> 3, mr = lane & 7;
-    const uint32_t base = smem_addr(qs);
-    const uint32_t a_off = static_cast<uint32_t>(((8 * (mi >> 1) + mr) * kQP + 8 * (mi & 1)) * 2);
-    const uint32_t b_off = static_cast<uint32_t>(((8 * (mi & 1) + mr) * kQP + 8 * (mi >> 1)) * 2);
-#pragma unroll
-    for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
-            int I, J;
-            upper_tile(t, NB, I, J);
-            uint32_t pa = base + a_off + I * 32, pb = base + b_off + J * 32;
-            for (int k0 = 0; k0 < kend; k0 += 16, pa += 32 * kQP, pb += 32 * kQP) {
-                uint32_t a[4], b[4];
-                ldsm_x4_trans(a, pa);
-                ldsm_x4_trans(b, pb);
-                mma16816<kBf16>(acc[s][0], a, b[0], b[1]);
-                mma16816<kBf16>(acc[s][1], a, b[2], b[3]);
-            }
-        }
-    }
-}
-
 // Writes the owned tiles of a symmetric matrix (upper part computed) through
 // put(row, col, value) (its mirror is the caller's).
 template <int D, typename F>
@@ -267,88 +236,142 @@ __device__ __forceinline__ void store_sym(const float (&acc)[(D / 16 * (D / 16 +
     }
 }
 
-// The diagonal of the owned tiles (only diagonal tiles hold any).
+// The folded matrix: row v holds the pairs (v, v + k mod D), k = 1..H (H =
+// D / 2), at offset k - 1; the pair (a, b) lies in row a when (b - a) mod D
+// <= H, else in row b (the pairs (v, v + H) in both rows, the same value).
+// It is computed from band tiles of Q^T Q: stripe I (rows 16 I..16 I + 15)
+// needs the tiles J = I..I + H / 16 (mod D / 16).
 template <int D>
-__device__ __forceinline__ void store_diag(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                           int warp, int lane, float* diag) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
-    const int g8 = lane >> 2, t4 = lane & 3;
+struct Band {
+    static constexpr int NB = D / 16, TB = D / 32 + 1, NT = NB * TB, PW = (NT + kSimWarps - 1) / kSimWarps;
+    // D = 128: warp w owns stripe w (5 tiles sharing their A fragments).
+    static constexpr bool kStripe = TB == PW && NB == kSimWarps;
+    __device__ __forceinline__ static void tile(int t, int& I, int& J) {
+        I = t / TB;
+        J = (I + t % TB) % NB;
+    }
+};
+
+// The band tiles of Q^T Q owned by this warp (tiles warp * PW + s) with Q
+// row-major in shared memory ([rows][kQP], rows up to kend zero-filled):
+// A = Q^T and B = Q fragments both by ldmatrix.trans (lane l addresses row
+// l % 8 of matrix l / 8; A's matrices: (k0, m0), (k0, m0 + 8), (k0 + 8, m0),
+// (k0 + 8, m0 + 8); B's: (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8,
+// n0 + 8), giving b0, b1 of both n8 halves).
+template <typename T, int D, int kQP>
+__device__ __forceinline__ void gram_band(float (&acc)[Band<D>::PW][2][4], const T* qs, int kend, int warp, int lane) {
+    using Bd = Band<D>;
+    constexpr int PW = Bd::PW;
+    constexpr bool kBf16 = Num<T>::kBf16;
+    const int mi = lane >> 3, mr = lane & 7;
+    const uint32_t base = smem_addr(qs);
+    const uint32_t a_off = static_cast<uint32_t>(((8 * (mi >> 1) + mr) * kQP + 8 * (mi & 1)) * 2);
+    const uint32_t b_off = static_cast<uint32_t>(((8 * (mi & 1) + mr) * kQP + 8 * (mi >> 1)) * 2);
+    uint32_t pa[PW], pb[PW];
 #pragma unroll
     for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
-            int I, J;
-            upper_tile(t, NB, I, J);
-            if (I == J) {
-                // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
-                // at column 2 t4 + (e & 1).
-                if ((g8 >> 1) == t4) {
-                    const bool odd = g8 & 1;   // (no run-time index into the accumulators)
-                    diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
-                    diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
-                }
+        int I, J;
+        Bd::tile(warp * PW + s, I, J);
+        pa[s] = base + a_off + I * 32;
+        pb[s] = base + b_off + J * 32;
+    }
+    const auto step = [&](int k0) {
+        const uint32_t ko = static_cast<uint32_t>(k0 * kQP * 2);
+        uint32_t a[4];
+        if constexpr (Bd::kStripe) ldsm_x4_trans(a, pa[0] + ko);
+#pragma unroll
+        for (int s = 0; s < PW; ++s) {
+            if (warp * PW + s < Bd::NT) {
+                if constexpr (!Bd::kStripe) ldsm_x4_trans(a, pa[s] + ko);
+                uint32_t b[4];
+                ldsm_x4_trans(b, pb[s] + ko);
+                mma16816<kBf16>(acc[s][0], a, b[0], b[1]);
+                mma16816<kBf16>(acc[s][1], a, b[2], b[3]);
+            }
+        }
+    };
+    if (kend == kMaxRows) {
+#pragma unroll
+        for (int k0 = 0; k0 < kMaxRows; k0 += 16) step(k0);
+    } else {
+        for (int k0 = 0; k0 < kend; k0 += 16) step(k0);
+    }
+}
+
+// The diagonal of the owned band tiles (only diagonal tiles hold any).
+template <int D>
+__device__ __forceinline__ void store_diag(const float (&acc)[Band<D>::PW][2][4], int warp, int lane, float* diag) {
+    using Bd = Band<D>;
+    const int g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int s = 0; s < Bd::PW; ++s) {
+        const int t = warp * Bd::PW + s;
+        if (t < Bd::NT && t % Bd::TB == 0) {
+            const int I = t / Bd::TB;
+            // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
+            // at column 2 t4 + (e & 1).
+            if ((g8 >> 1) == t4) {
+                const bool odd = g8 & 1;   // (no run-time index into the accumulators)
+                diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
+                diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
             }
         }
     }
 }
 
-// The matrix from the owned tiles, mirrored: mat[r][c] = mat[c][r] =
-// f(r, c, v, on_diagonal) (inside a diagonal tile only r <= c is taken;
-// on_diagonal: r == c, known false outside diagonal tiles).
+// The folded matrix from the owned band tiles: the entry (r, c) with k = (c -
+// r) mod D in 1..H goes to row r, offset k - 1, as f(r, c, v); the pairs
+// (r, r + H) with r < H also to row r + H (the entries (r, r - H) are not used).
 template <int D, typename F>
-__device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                             int warp, int lane, float* mat, F&& f) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps, P = D + 4;
+__device__ __forceinline__ void store_band(const float (&acc)[Band<D>::PW][2][4], int warp, int lane, float* mat,
+                                           F&& f) {
+    using Bd = Band<D>;
+    constexpr int H = D / 2, P = H + 4;
     const int g8 = lane >> 2, t4 = lane & 3;
 #pragma unroll
-    for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
+    for (int s = 0; s < Bd::PW; ++s) {
+        const int t = warp * Bd::PW + s;
+        if (t < Bd::NT) {
             int I, J;
-            upper_tile(t, NB, I, J);
+            Bd::tile(t, I, J);
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int r = I * 16 + g8 + 8 * hh, cc = J * 16 + nt * 8 + 2 * t4;
-                    const float v0 = acc[s][nt][2 * hh], v1 = acc[s][nt][2 * hh + 1];
-                    if (I < J) {
-                        const float x0 = f(r, cc, v0, false), x1 = f(r, cc + 1, v1, false);
-                        *reinterpret_cast<float2*>(mat + r * P + cc) = make_float2(x0, x1);
-                        mat[cc * P + r] = x0;
-                        mat[(cc + 1) * P + r] = x1;
-                    } else {
-                        if (r <= cc) {
-                            const float x0 = f(r, cc, v0, r == cc);
-                            mat[r * P + cc] = x0;
-                            mat[cc * P + r] = x0;
-                        }
-                        if (r <= cc + 1) {
-                            const float x1 = f(r, cc + 1, v1, r == cc + 1);
-                            mat[r * P + cc + 1] = x1;
-                            mat[(cc + 1) * P + r] = x1;
-                        }
+                for (int e = 0; e < 4; ++e) {
+                    const int r = I * 16 + g8 + (e >= 2 ? 8 : 0);
+                    const int c = J * 16 + nt * 8 + 2 * t4 + (e & 1);
+                    const int k = (c - r) & (D - 1);
+                    if (k >= 1 && (k < H || (k == H && r < H))) {
+                        const float x = f(r, c, acc[s][nt][e]);
+                        mat[r * P + k - 1] = x;
+                        if (k == H) mat[c * P + H - 1] = x;
                     }
                 }
         }
     }
 }
-
 // The costs a block's decisions read (see the matrix step above).
 template <int D, int G, bool KW>
 struct Costs {
-    static constexpr int P = D + 4;
+    static constexpr int H = D / 2, P = H + 4;
     static constexpr bool kDist = !KW || G == 2;   // m: pair weights; else Gq (and Gk)
-    const float* m;
+    const float* m;       // the folded matrix (see Band)
     const float* gk;      // [D][D], KeyWeighted with G >= 4 only
     const float* kdiag;   // its diagonal, in shared memory
+    const float* qdiag;   // the Gq diagonal (KeyWeighted with G >= 4)
 
-    __device__ __forceinline__ float at(int a, int b) const { return m[a * P + b]; }
+    // Entry (a, b), a != b, of the folded matrix.
+    __device__ __forceinline__ float at(int a, int b) const {
+        const int k = (b - a) & (D - 1);
+        const bool fwd = k <= H;
+        const int row = fwd ? a : b, off = fwd ? k : D - k;
+        return m[row * P + off - 1];
+    }
     __device__ __forceinline__ float k_at(int a, int b) const { return __ldg(gk + a * D + b); }
 
     // The core's pair_cost (KeyWeighted): |q_a - q_b|^2 |k_a - k_b|^2 / 4.
     __device__ __forceinline__ float kw_pair(int a, int b) const {
-        const float dq = at(a, a) + at(b, b) - 2.f * at(a, b);
+        const float dq = qdiag[a] + qdiag[b] - 2.f * at(a, b);
         const float dk = kdiag[a] + kdiag[b] - 2.f * k_at(a, b);
         return dq * dk / 4.f;
     }
@@ -361,7 +384,7 @@ struct Costs {
 #pragma unroll
         for (int x = 0; x < S; ++x)
 #pragma unroll
-            for (int y = x; y < S; ++y) q[x][y] = at(mem[x], mem[y]);
+            for (int y = x; y < S; ++y) q[x][y] = x == y ? qdiag[mem[x]] : at(mem[x], mem[y]);
         float r[S];
 #pragma unroll
         for (int x = 0; x < S; ++x) {
@@ -446,41 +469,59 @@ struct Costs {
     }
 };
 
+// Does (x, u) come before (bv, bu) in the order of the keys (weight, u)?
+__device__ __forceinline__ bool key_less(float x, int u, float bv, int bu) { return x < bv || (x == bv && u < bu); }
+
 // First choices of single columns when the matrix holds pair weights: the
-// cheapest partner of column v is the smallest (weight, u) of row v. TPR
-// threads per row (8 consecutive rows per quarter-warp: conflict-free 16-byte
-// loads), each scanning its columns downwards with <= (the smallest u wins a
-// tie; the NaN diagonal never does), then merged across the TPR threads.
+// cheapest partner of column v is the smallest (weight, u) over row v of the
+// folded matrix (u = v + k, k = 1..H) and its anti-diagonal (u = v - s, s =
+// 1..H - 1, in row u at offset s - 1). TPR threads per row, each a run of the
+// row (8 consecutive rows per quarter-warp: conflict-free 16-byte loads) and
+// of the anti-diagonal (its steps rotated by quarter-warp: conflict-free),
+// then merged across the TPR threads.
 template <int D>
 __device__ __forceinline__ void first_choices(const float* m, uint8_t* best, int tid) {
-    constexpr int P = D + 4;
+    constexpr int H = D / 2, P = H + 4;
     constexpr int TPR = D == 128 ? 2 : 4;   // threads per row
-    constexpr int W = D / TPR;              // columns per thread
+    constexpr int RW = H / TPR;             // row entries and anti-diagonal steps per thread
     const int v = (tid & 7) + 8 * (tid / (8 * TPR));
     const int h = (tid >> 3) % TPR;
     float bv = INFINITY;
     int bu = kNone;
     if (v < D) {
-        const float* row = m + v * P + h * W;
+        const float* row = m + v * P + h * RW;
 #pragma unroll
-        for (int q = W / 4 - 1; q >= 0; --q) {
+        for (int q = 0; q < RW / 4; ++q) {
             const float4 x = *reinterpret_cast<const float4*>(row + 4 * q);
-            const int u = h * W + 4 * q;
-            if (x.w <= bv) {
-                bv = x.w;
-                bu = u + 3;
-            }
-            if (x.z <= bv) {
-                bv = x.z;
-                bu = u + 2;
-            }
-            if (x.y <= bv) {
-                bv = x.y;
-                bu = u + 1;
-            }
-            if (x.x <= bv) {
+            const int u = v + 1 + h * RW + 4 * q;
+            if (key_less(x.x, u & (D - 1), bv, bu)) {
                 bv = x.x;
-                bu = u;
+                bu = u & (D - 1);
+            }
+            if (key_less(x.y, (u + 1) & (D - 1), bv, bu)) {
+                bv = x.y;
+                bu = (u + 1) & (D - 1);
+            }
+            if (key_less(x.z, (u + 2) & (D - 1), bv, bu)) {
+                bv = x.z;
+                bu = (u + 2) & (D - 1);
+            }
+            if (key_less(x.w, (u + 3) & (D - 1), bv, bu)) {
+                bv = x.w;
+                bu = (u + 3) & (D - 1);
+            }
+        }
+        const int rot = (tid >> 3) & 3;
+#pragma unroll 8
+        for (int i = 0; i < RW; ++i) {
+            const int s = 1 + h * RW + ((i + rot) & (RW - 1));
+            const int u = (v - s) & (D - 1);
+            if (s < H) {
+                const float x = m[u * P + s - 1];
+                if (key_less(x, u, bv, bu)) {
+                    bv = x;
+                    bu = u;
+                }
             }
         }
     }
@@ -488,7 +529,7 @@ __device__ __forceinline__ void first_choices(const float* m, uint8_t* best, int
     for (int off = 8; off < 8 * TPR; off *= 2) {
         const float ov = __shfl_xor_sync(kFull, bv, off);
         const int ou = __shfl_xor_sync(kFull, bu, off);
-        if (ov < bv || (ov == bv && ou < bu)) {
+        if (key_less(ov, ou, bv, bu)) {
             bv = ov;
             bu = ou;
         }
@@ -525,39 +566,44 @@ __device__ __forceinline__ void free_mask(const uint8_t* mate, uint32_t (&fm)[Sl
 // Warp-wide search for group v's cheapest free partner: the smallest key
 // (weight as ordered bits, u), which is the core's order (cost, lo, hi) for v.
 template <int D, int G, bool KW, int S>
-__device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* cm, const float* gcost, int v,
-                                      const uint32_t (&fm)[Slots<D / S>::NI], int lane) {
+__device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* cm, const float* gcost,
+                                      const uint8_t* mate, int v, const uint32_t (&fm)[Slots<D / S>::NI], int lane) {
     constexpr int NI = Slots<D / S>::NI;
     uint32_t bk = kFull, bu = kFull;
     if (lane == 0) DA_COUNT(8);
     if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
-        // Pair weights along row v (tidy: float order is key order), NI
-        // consecutive ones per lane in one load, downwards with <=.
-        const float* row = c.m + v * Costs<D, G, KW>::P + NI * lane;
-        float x[NI];
-        if constexpr (NI == 4) {
-            const float4 q = *reinterpret_cast<const float4*>(row);
-            x[0] = q.x;
-            x[1] = q.y;
-            x[2] = q.z;
-            x[3] = q.w;
-        } else if constexpr (NI == 2) {
-            const float2 q = *reinterpret_cast<const float2*>(row);
-            x[0] = q.x;
-            x[1] = q.y;
-        } else {
-            x[0] = row[0];
-        }
+        // Pair weights of the folded matrix (tidy: float order is key order):
+        // lane l the row entries u = v + 1 + o, o = l + 32 j < H, and the
+        // anti-diagonal ones u = v - s, s = 1 + l + 32 j < H (conflict-free);
+        // free ones from mate[].
+        constexpr int H = D / 2, P = Costs<D, G, KW>::P;
         float bv = INFINITY;
+        int bi = kNone;
 #pragma unroll
-        for (int k = NI - 1; k >= 0; --k) {
-            const int u = NI * lane + k;
-            if (((fm[k] >> lane) & 1u) && u != v && x[k] <= bv) {
-                bv = x[k];
-                bu = static_cast<uint32_t>(u);
+        for (int j = 0; j < (H + 31) / 32; ++j) {
+            const int o = lane + 32 * j;
+            if (o < H) {
+                const int u = (v + 1 + o) & (D - 1);
+                const float x = c.m[v * P + o];
+                if (mate[u] == kNone && key_less(x, u, bv, bi)) {
+                    bv = x;
+                    bi = u;
+                }
+            }
+            const int sd = 1 + lane + 32 * j;
+            if (sd < H) {
+                const int u = (v - sd) & (D - 1);
+                const float x = c.m[u * P + sd - 1];
+                if (mate[u] == kNone && key_less(x, u, bv, bi)) {
+                    bv = x;
+                    bi = u;
+                }
             }
         }
-        if (bu != kFull) bk = ord_f32(bv);
+        if (bi != kNone) {
+            bk = ord_f32(bv);
+            bu = static_cast<uint32_t>(bi);
+        }
     } else {
 #pragma unroll
         for (int k = 0; k < NI; ++k) {
@@ -599,7 +645,7 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
 #pragma unroll
         for (int i = 0; i < NI; ++i) fm[i] = n >= 32 ? kFull : (1u << n) - 1u;
         for (int v = warp; v < n; v += kSimWarps) {
-            const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+            const int b = search<D, G, KW, S>(c, cm, gcost, mate, v, fm, lane);
             if (lane == 0) best[v] = static_cast<uint8_t>(b);
         }
     }
@@ -643,13 +689,13 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
         uint32_t todo = __ballot_sync(kFull, again);
         if (todo) {
             __syncwarp();   // best[own] is read above and rewritten below, by other lanes
-            uint32_t fm[NI];
-            free_mask<n>(mate, fm, lane);
+            uint32_t fm[NI] = {};
+            if constexpr (!(S == 1 && Costs<D, G, KW>::kDist)) free_mask<n>(mate, fm, lane);
             while (todo) {
                 const int l = __ffs(todo) - 1;
                 todo &= todo - 1u;
                 const int v = warp + kSimWarps * l;
-                const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+                const int b = search<D, G, KW, S>(c, cm, gcost, mate, v, fm, lane);
                 if (lane == 0) best[v] = static_cast<uint8_t>(b);
             }
         }
@@ -1018,9 +1064,9 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         }
         __syncthreads();
 
-        // ---- Gram (upper tiles) -> the matrix (mirrored) ----
+        // ---- Gram (band tiles) -> the folded matrix ----
         {
-            constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
+            constexpr int PW = Band<D>::PW;
             float acc[PW][2][4];
 #pragma unroll
             for (int s = 0; s < PW; ++s)
@@ -1028,29 +1074,27 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                 for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[s][nt][e] = 0.f;
-            gram_q<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
-            if constexpr (C::kDist) store_diag<D>(acc, warp, lane, diag);
+            gram_band<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
+            store_diag<D>(acc, warp, lane, diag);
             __syncthreads();   // Q is read by all warps before the matrix overwrites it
-            store_matrix<D>(acc, warp, lane, mat, [&](int r, int cc, float v, bool on_diagonal) {
+            store_band<D>(acc, warp, lane, mat, [&](int r, int cc, float v) {
                 if constexpr (C::kDist) {
                     // The pair weight (Similarity: the distance (Gq_rr + Gq_cc) - 2 Gq_rc,
-                    // never -0; KeyWeighted: the core's pair_cost); the diagonal is no weight.
+                    // never -0; KeyWeighted: the core's pair_cost).
                     const float dq = diag[r] + diag[cc] - 2.f * v;
-                    float x;
                     if constexpr (KW) {
                         const float dk = kdiag[r] + kdiag[cc] - 2.f * __ldg(gk + r * D + cc);
-                        x = tidy(dq * dk / 4.f);
+                        return tidy(dq * dk / 4.f);
                     } else {
-                        x = fminf(dq, INFINITY);   // NaN -> +inf
+                        return fminf(dq, INFINITY);   // NaN -> +inf
                     }
-                    return on_diagonal ? NAN : x;
                 } else {
                     return v;
                 }
             });
         }
         __syncthreads();
-        const C c{mat, gk, kdiag};
+        const C c{mat, gk, kdiag, diag};
 
         // ---- greedy rounds ----
         greedy_round<D, G, KW, 1>(c, cur, cur + D, gcost, mate, best, red, tid);
@@ -1270,10 +1314,10 @@ extern __shared__ __align__(16) unsigned char da_smem_[];
 
 // da_simplan_<dtype>_d<D>_g<G>_<sim|kw> and its dynamic shared-memory size
 // da_simplan_..._smem (read by the driver); da_kgram_<dtype>_d<D> likewise.
-// CTAs per SM the register budget is cut for: 3 at D = 128 (shared memory
-// allows 3) and for key-weighted G = 8 (cluster costs of 8), 4 otherwise.
+// CTAs per SM the register budget is cut for: 3 for key-weighted G = 8
+// (cluster costs of 8), 4 otherwise (shared memory allows 5 at D = 128).
 #define DA_SIMPLAN(DT, T, D, G, KW, MODE)                                                                  \
-    extern "C" __global__ void __launch_bounds__(da::kSimThreads, D == 128 || (KW && G == 8) ? 3 : 4)      \
+    extern "C" __global__ void __launch_bounds__(da::kSimThreads, KW && G == 8 ? 3 : 4)                     \
         da_simplan_##DT##_d##D##_g##G##_##MODE(const SimPlanParams p) {                                    \
         da::simplan_body<T, D, G, KW>(p, DA_SMEM_PTR);                                                     \
     }                                                                                                      \
