@@ -5,10 +5,15 @@
 // One CTA (8 warps) per block of block_rows query rows:
 //   load     the Q block -> shared memory, row-major (rows zero-padded to 16);
 //   Gram     Gq = Q^T Q with mma.sync on ldmatrix.trans fragments (bf16/f16
-//            products are exact in f32, f32 accumulation); only the upper
-//            16x16 tiles are computed and mirrored, so the matrix is exactly
+//            products are exact in f32, f32 accumulation); only the band
+//            tiles that hold every pair once are computed (Band: at D = 128
+//            a stripe of 5 tiles per warp), so the matrix is exactly
 //            symmetric;
-//   matrix   Similarity: the squared column distances
+//   matrix   stored folded at D = 128 with G <= 4 (row v: the pairs
+//            (v, v + k mod D), k = 1..D/2; 35 KB, so 4 CTAs share an SM
+//            instead of 3), whole (D x D) elsewhere (there the fold's dearer
+//            reads cost more than its occupancy brings; kernels/NOTES.md).
+//            Similarity: the squared column distances
 //            M[i][j] = Gq_ii + Gq_jj - 2 Gq_ij (every cost of the core is a
 //            sum of distances: the error of a group X is P(X)/|X| with P(X)
 //            = sum of M over its pairs). KeyWeighted with G = 2: the core's
@@ -17,9 +22,9 @@
 //            KeyWeighted with G >= 4: Gq itself (cluster costs need it),
 //            with the centred K Gram Gk (da_kgram below) in global memory.
 //            Written straight from the mma accumulators; the diagonal of a
-//            weight matrix is NaN (never chosen), other NaNs become +inf and
-//            -0 becomes +0, so float comparisons agree with the total order
-//            of the keys below;
+//            whole weight matrix is NaN (never chosen; the folded one has
+//            none), other NaNs become +inf and -0 becomes +0, so float
+//            comparisons agree with the total order of the keys below;
 //   greedy   while groups are smaller than G: merge disjoint pairs of groups
 //            in increasing order of (added cost, a, b). The core sorts all
 //            pairs and takes each pair whose groups are both free; that is
@@ -28,7 +33,9 @@
 //            group finds its cheapest free partner; mutual choices are
 //            matched (they are exactly the pairs the sequential scan takes);
 //            repeat. The first choices of single columns are row scans (a
-//            few threads per row, 16-byte loads); later searches are warp-
+//            few threads per row, 16-byte loads; folded: the row and its
+//            anti-diagonal, the smallest weight first, then the smallest
+//            column among the entries equal to it); later searches are warp-
 //            wide (lanes over the candidates, free ones from a ballot mask)
 //            for the groups whose choice was matched away, each warp for the
 //            groups it owns (v = warp mod 8): two CTA barriers per round.
@@ -105,9 +112,18 @@ constexpr uint32_t kFull = 0xffffffffu;
 constexpr int align16(int x) { return (x + 15) / 16 * 16; }
 
 template <int D, int G>
+struct Fold {
+    static constexpr bool value = D == 128 && G <= 4;
+};
+
+template <int D, int G>
 struct SimTraits {
     static constexpr int kQP = D + 8;   // Q pitch (elements): conflict-free ldmatrix rows
-    static constexpr int kMP = D + 4;   // matrix pitch (f32): 16-byte rows, conflict-free row scans
+    // The matrix folded (row v holds the pairs (v, v + k), k = 1..H; see Band)
+    // where that lets 4 CTAs share an SM (D = 128, G <= 4); else whole.
+    static constexpr bool kFold = Fold<D, G>::value;
+    static constexpr int H = D / 2;
+    static constexpr int kMP = kFold ? H + 4 : D + 4;   // pitch (f32): 16-byte rows, conflict-free scans
     static constexpr int kQBytes = kMaxRows * kQP * 2;
     static constexpr int kMatBytes = D * kMP * 4;
     static constexpr int n = D / G;                      // groups after the greedy rounds
@@ -126,7 +142,8 @@ struct SimTraits {
     static constexpr int kOffImp = kOffBest + D;         // u32 [NW] pairs with an improving swap
     static constexpr int kOffStale = kOffImp + 4 * NW;   // u32 [NW] pairs to evaluate at the next pass
     static constexpr int kOffFirst = kOffStale + 4 * NW; // u8 [NP] first improving swap of a pair
-    static constexpr int kSmem = align16(kOffFirst + NP);
+    static constexpr int kOffPairs = align16(kOffFirst + NP);   // u16 [NP] groups a | b << 8 of a pair
+    static constexpr int kSmem = align16(kOffPairs + 2 * NP);
 };
 
 // Total order of f32 as u32 (f64::total_cmp's order on the bits).
@@ -209,38 +226,6 @@ __device__ __forceinline__ void gram_tiles(float (&acc)[(D / 16 * (D / 16 + 1) /
     }
 }
 
-// The same tiles of Q^T Q with Q row-major in shared memory ([rows][kQP],
-// rows up to kend zero-filled): A = Q^T and B = Q fragments both by
-// ldmatrix.trans (lane l addresses row l % 8 of matrix l / 8; A's matrices:
-// (k0, m0), (k0, m0 + 8), (k0 + 8, m0), (k0 + 8, m0 + 8); B's: (k0, n0),
-// (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8), giving b0, b1 of both n8 halves).
-template <typename T, int D, int kQP>
-__device__ __forceinline__ void gram_q(float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                       const T* qs, int kend, int warp, int lane) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
-    constexpr bool kBf16 = Num<T>::kBf16;
-    const int mi = lane >> 3, mr = lane & 7;
-    const uint32_t base = smem_addr(qs);
-    const uint32_t a_off = static_cast<uint32_t>(((8 * (mi >> 1) + mr) * kQP + 8 * (mi & 1)) * 2);
-    const uint32_t b_off = static_cast<uint32_t>(((8 * (mi & 1) + mr) * kQP + 8 * (mi >> 1)) * 2);
-#pragma unroll
-    for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
-            int I, J;
-            upper_tile(t, NB, I, J);
-            uint32_t pa = base + a_off + I * 32, pb = base + b_off + J * 32;
-            for (int k0 = 0; k0 < kend; k0 += 16, pa += 32 * kQP, pb += 32 * kQP) {
-                uint32_t a[4], b[4];
-                ldsm_x4_trans(a, pa);
-                ldsm_x4_trans(b, pb);
-                mma16816<kBf16>(acc[s][0], a, b[0], b[1]);
-                mma16816<kBf16>(acc[s][1], a, b[2], b[3]);
-            }
-        }
-    }
-}
-
 // Writes the owned tiles of a symmetric matrix (upper part computed) through
 // put(row, col, value) (its mirror is the caller's).
 template <int D, typename F>
@@ -267,69 +252,139 @@ __device__ __forceinline__ void store_sym(const float (&acc)[(D / 16 * (D / 16 +
     }
 }
 
-// The diagonal of the owned tiles (only diagonal tiles hold any).
+// The folded matrix: row v holds the pairs (v, v + k mod D), k = 1..H (H =
+// D / 2), at offset k - 1; the pair (a, b) lies in row a when (b - a) mod D
+// <= H, else in row b (the pairs (v, v + H) in both rows, the same value).
+// It is computed from band tiles of Q^T Q: stripe I (rows 16 I..16 I + 15)
+// needs the tiles J = I..I + H / 16 (mod D / 16).
 template <int D>
-__device__ __forceinline__ void store_diag(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                           int warp, int lane, float* diag) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
-    const int g8 = lane >> 2, t4 = lane & 3;
+struct Band {
+    static constexpr int NB = D / 16, TB = D / 32 + 1, NT = NB * TB, PW = (NT + kSimWarps - 1) / kSimWarps;
+    // D = 128: warp w owns stripe w (5 tiles sharing their A fragments).
+    static constexpr bool kStripe = TB == PW && NB == kSimWarps;
+    __device__ __forceinline__ static void tile(int t, int& I, int& J) {
+        I = t / TB;
+        J = (I + t % TB) % NB;
+    }
+};
+
+// The band tiles of Q^T Q owned by this warp (tiles warp * PW + s) with Q
+// row-major in shared memory ([rows][kQP], rows up to kend zero-filled):
+// A = Q^T and B = Q fragments both by ldmatrix.trans (lane l addresses row
+// l % 8 of matrix l / 8; A's matrices: (k0, m0), (k0, m0 + 8), (k0 + 8, m0),
+// (k0 + 8, m0 + 8); B's: (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8,
+// n0 + 8), giving b0, b1 of both n8 halves).
+template <typename T, int D, int kQP>
+__device__ __forceinline__ void gram_band(float (&acc)[Band<D>::PW][2][4], const T* qs, int kend, int warp, int lane) {
+    using Bd = Band<D>;
+    constexpr int PW = Bd::PW;
+    constexpr bool kBf16 = Num<T>::kBf16;
+    const int mi = lane >> 3, mr = lane & 7;
+    const uint32_t base = smem_addr(qs);
+    const uint32_t a_off = static_cast<uint32_t>(((8 * (mi >> 1) + mr) * kQP + 8 * (mi & 1)) * 2);
+    const uint32_t b_off = static_cast<uint32_t>(((8 * (mi & 1) + mr) * kQP + 8 * (mi >> 1)) * 2);
+    uint32_t pa[PW], pb[PW];
 #pragma unroll
     for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
-            int I, J;
-            upper_tile(t, NB, I, J);
-            if (I == J) {
-                // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
-                // at column 2 t4 + (e & 1).
-                if ((g8 >> 1) == t4) {
-                    const bool odd = g8 & 1;   // (no run-time index into the accumulators)
-                    diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
-                    diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
-                }
+        int I, J;
+        Bd::tile(warp * PW + s, I, J);
+        pa[s] = base + a_off + I * 32;
+        pb[s] = base + b_off + J * 32;
+    }
+    const auto step = [&](int k0) {
+        const uint32_t ko = static_cast<uint32_t>(k0 * kQP * 2);
+        uint32_t a[4];
+        if constexpr (Bd::kStripe) ldsm_x4_trans(a, pa[0] + ko);
+#pragma unroll
+        for (int s = 0; s < PW; ++s) {
+            if (PW * kSimWarps == Bd::NT || warp * PW + s < Bd::NT) {
+                if constexpr (!Bd::kStripe) ldsm_x4_trans(a, pa[s] + ko);
+                uint32_t b[4];
+                ldsm_x4_trans(b, pb[s] + ko);
+                mma16816<kBf16>(acc[s][0], a, b[0], b[1]);
+                mma16816<kBf16>(acc[s][1], a, b[2], b[3]);
+            }
+        }
+    };
+    if (kend == kMaxRows) {
+#pragma unroll
+        for (int k0 = 0; k0 < kMaxRows; k0 += 16) step(k0);
+    } else {
+#pragma unroll 1
+        for (int k0 = 0; k0 < kend; k0 += 16) step(k0);
+    }
+}
+
+// The diagonal of the owned band tiles (only diagonal tiles hold any).
+template <int D>
+__device__ __forceinline__ void store_diag(const float (&acc)[Band<D>::PW][2][4], int warp, int lane, float* diag) {
+    using Bd = Band<D>;
+    const int g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int s = 0; s < Bd::PW; ++s) {
+        const int t = warp * Bd::PW + s;
+        if (t < Bd::NT && t % Bd::TB == 0) {
+            const int I = t / Bd::TB;
+            // (g8, g8) lies in n8 half 0 (rows 0-7) and (g8 + 8, g8 + 8) in half 1,
+            // at column 2 t4 + (e & 1).
+            if ((g8 >> 1) == t4) {
+                const bool odd = g8 & 1;   // (no run-time index into the accumulators)
+                diag[I * 16 + g8] = odd ? acc[s][0][1] : acc[s][0][0];
+                diag[I * 16 + 8 + g8] = odd ? acc[s][1][3] : acc[s][1][2];
             }
         }
     }
 }
 
-// The matrix from the owned tiles, mirrored: mat[r][c] = mat[c][r] =
-// f(r, c, v, on_diagonal) (inside a diagonal tile only r <= c is taken;
-// on_diagonal: r == c, known false outside diagonal tiles).
-template <int D, typename F>
-__device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 16 + 1) / 2 + kSimWarps - 1) / kSimWarps][2][4],
-                                             int warp, int lane, float* mat, F&& f) {
-    constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps, P = D + 4;
+// The matrix from the owned band tiles, the entry (r, c) with k = (c - r)
+// mod D in 1..H written as f(r, c, v, diag[r], diag[c]): whole, to (r, c) and
+// (c, r); folded, to row r at offset k - 1, the pairs (r, r + H) with r < H
+// also to row r + H (the entries (r, r - H) are not used). In band tile b of
+// a stripe (J = I + b), k = 16 b + cl - rl for the in-tile row rl and column
+// cl, so a thread's folded stores are at fixed offsets from one pointer per
+// row, and all tiles but the first and the last are stored whole.
+template <int D, bool kFold, typename F>
+__device__ __forceinline__ void store_band(const float (&acc)[Band<D>::PW][2][4], int warp, int lane, float* mat,
+                                           const float* diag, F&& f) {
+    using Bd = Band<D>;
+    constexpr int H = D / 2, P = kFold ? H + 4 : D + 4;
     const int g8 = lane >> 2, t4 = lane & 3;
 #pragma unroll
-    for (int s = 0; s < PW; ++s) {
-        const int t = warp + s * kSimWarps;
-        if (t < NT) {
+    for (int s = 0; s < Bd::PW; ++s) {
+        const int t = warp * Bd::PW + s;
+        if (Bd::PW * kSimWarps == Bd::NT || t < Bd::NT) {
             int I, J;
-            upper_tile(t, NB, I, J);
+            Bd::tile(t, I, J);
+            const int bi = Bd::kStripe ? s : t % Bd::TB;   // band index: J = I + bi
+            const float2* dc = reinterpret_cast<const float2*>(diag + J * 16 + 2 * t4);
+            const float2 d0 = dc[0], d1 = dc[4];   // diag[c] of columns 2 t4 (+1), 8 + 2 t4 (+1)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
+            for (int hh = 0; hh < 2; ++hh) {
+                const int rl = g8 + 8 * hh, r = I * 16 + rl;
+                const float dr = diag[r];
+                float* row = mat + r * P + 16 * bi - rl - 1 + 2 * t4;   // folded: + cl - 2 t4 = offset k - 1
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int r = I * 16 + g8 + 8 * hh, cc = J * 16 + nt * 8 + 2 * t4;
-                    const float v0 = acc[s][nt][2 * hh], v1 = acc[s][nt][2 * hh + 1];
-                    if (I < J) {
-                        const float x0 = f(r, cc, v0, false), x1 = f(r, cc + 1, v1, false);
-                        *reinterpret_cast<float2*>(mat + r * P + cc) = make_float2(x0, x1);
-                        mat[cc * P + r] = x0;
-                        mat[(cc + 1) * P + r] = x1;
-                    } else {
-                        if (r <= cc) {
-                            const float x0 = f(r, cc, v0, r == cc);
-                            mat[r * P + cc] = x0;
-                            mat[cc * P + r] = x0;
-                        }
-                        if (r <= cc + 1) {
-                            const float x1 = f(r, cc + 1, v1, r == cc + 1);
-                            mat[r * P + cc + 1] = x1;
-                            mat[(cc + 1) * P + r] = x1;
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int e1 = 0; e1 < 2; ++e1) {
+                        const int cl = 8 * nt + 2 * t4 + e1;
+                        const float dcv = nt == 0 ? (e1 ? d0.y : d0.x) : (e1 ? d1.y : d1.x);
+                        // bi == 0: k = cl - rl >= 1; bi == TB - 1: k = H + cl - rl <= H.
+                        const bool first = bi == 0, last = bi == Bd::TB - 1;
+                        const bool keep = first ? cl > rl : last ? (cl < rl || (cl == rl && r < H)) : true;
+                        if (keep) {
+                            const int c = J * 16 + cl;
+                            const float x = f(r, c, acc[s][nt][2 * hh + e1], dr, dcv);
+                            if constexpr (kFold) {
+                                row[8 * nt + e1] = x;
+                                if (last && cl == rl) mat[c * P + H - 1] = x;
+                            } else {
+                                mat[r * P + c] = x;
+                                mat[c * P + r] = x;
+                            }
                         }
                     }
-                }
+            }
         }
     }
 }
@@ -337,18 +392,29 @@ __device__ __forceinline__ void store_matrix(const float (&acc)[(D / 16 * (D / 1
 // The costs a block's decisions read (see the matrix step above).
 template <int D, int G, bool KW>
 struct Costs {
-    static constexpr int P = D + 4;
+    static constexpr bool kFold = Fold<D, G>::value;
+    static constexpr int H = D / 2, P = kFold ? H + 4 : D + 4;
     static constexpr bool kDist = !KW || G == 2;   // m: pair weights; else Gq (and Gk)
-    const float* m;
+    const float* m;       // the matrix, folded or whole (see SimTraits)
     const float* gk;      // [D][D], KeyWeighted with G >= 4 only
     const float* kdiag;   // its diagonal, in shared memory
+    const float* qdiag;   // the Gq diagonal (KeyWeighted with G >= 4, folded matrix)
 
-    __device__ __forceinline__ float at(int a, int b) const { return m[a * P + b]; }
+    // Entry (a, b), a != b.
+    __device__ __forceinline__ float at(int a, int b) const {
+        if constexpr (!kFold) return m[a * P + b];
+        const int k = (b - a) & (D - 1);
+        const bool fwd = k <= H;
+        const int row = fwd ? a : b, off = fwd ? k : D - k;
+        return m[row * P + off - 1];
+    }
     __device__ __forceinline__ float k_at(int a, int b) const { return __ldg(gk + a * D + b); }
+    // Gq_aa (KeyWeighted with G >= 4: on the diagonal of the whole matrix).
+    __device__ __forceinline__ float q_diag(int a) const { return kFold ? qdiag[a] : m[a * P + a]; }
 
     // The core's pair_cost (KeyWeighted): |q_a - q_b|^2 |k_a - k_b|^2 / 4.
     __device__ __forceinline__ float kw_pair(int a, int b) const {
-        const float dq = at(a, a) + at(b, b) - 2.f * at(a, b);
+        const float dq = q_diag(a) + q_diag(b) - 2.f * at(a, b);
         const float dk = kdiag[a] + kdiag[b] - 2.f * k_at(a, b);
         return dq * dk / 4.f;
     }
@@ -361,7 +427,7 @@ struct Costs {
 #pragma unroll
         for (int x = 0; x < S; ++x)
 #pragma unroll
-            for (int y = x; y < S; ++y) q[x][y] = at(mem[x], mem[y]);
+            for (int y = x; y < S; ++y) q[x][y] = x == y ? q_diag(mem[x]) : at(mem[x], mem[y]);
         float r[S];
 #pragma unroll
         for (int x = 0; x < S; ++x) {
@@ -446,13 +512,78 @@ struct Costs {
     }
 };
 
-// First choices of single columns when the matrix holds pair weights: the
+// First choices of single columns, the folded matrix holding pair weights:
+// the cheapest partner of column v is the smallest (weight, u) over row v of the
+// folded matrix (u = v + 1 + o, o = 0..H - 1) and its anti-diagonal (u = v -
+// s, s = 1..H - 1, in row u at offset s - 1). TPR threads per row, each a
+// run of RW offsets of the row (8 consecutive rows per quarter-warp:
+// conflict-free 16-byte loads) and RW steps of the anti-diagonal. Two passes:
+// the smallest weight m (merged across the TPR threads), then the smallest u
+// among the entries equal to m (bit masks of the equal entries; usually one).
+template <int D>
+__device__ __forceinline__ void first_choices_fold(const float* m, uint8_t* best, int tid) {
+    constexpr int H = D / 2, P = H + 4;
+    constexpr int TPR = D == 128 ? 2 : 4;   // threads per row
+    constexpr int RW = H / TPR;             // row entries and anti-diagonal steps per thread
+    static_assert(RW <= 32 && RW % 4 == 0, "first_choices");
+    const int v = (tid & 7) + 8 * (tid / (8 * TPR));
+    const int h = (tid >> 3) % TPR;
+    const int vr = v < D ? v : 0;   // (threads past the rows read row 0, unused)
+    const float* row = m + vr * P + h * RW;
+    // Anti-diagonal step i: s = s0 + i, in row (v - s) mod D at offset s - 1:
+    // base - i (P - 1), plus D P once v - s < 0.
+    const int s0 = 1 + h * RW, w = vr - s0;
+    const float* anti = m + w * P + s0 - 1;
+    float av[RW];
+    float bv = INFINITY;
+#pragma unroll
+    for (int q = 0; q < RW / 4; ++q) {
+        const float4 x = *reinterpret_cast<const float4*>(row + 4 * q);
+        bv = fminf(bv, fminf(fminf(x.x, x.y), fminf(x.z, x.w)));
+    }
+#pragma unroll
+    for (int i = 0; i < RW; ++i) {
+        av[i] = INFINITY;
+        if (s0 + i < H) av[i] = (i > w ? anti + D * P : anti)[-i * (P - 1)];
+        bv = fminf(bv, av[i]);
+    }
+#pragma unroll
+    for (int off = 8; off < 8 * TPR; off *= 2) bv = fminf(bv, __shfl_xor_sync(kFull, bv, off));
+    uint32_t rm = 0u, am = 0u;
+#pragma unroll
+    for (int q = 0; q < RW / 4; ++q) {
+        const float4 x = *reinterpret_cast<const float4*>(row + 4 * q);
+        if (x.x == bv) rm |= 1u << (4 * q);
+        if (x.y == bv) rm |= 2u << (4 * q);
+        if (x.z == bv) rm |= 4u << (4 * q);
+        if (x.w == bv) rm |= 8u << (4 * q);
+    }
+#pragma unroll
+    for (int i = 0; i < RW; ++i)
+        if (av[i] == bv && s0 + i < H) am |= 1u << i;
+    int bu = kNone;
+    while (rm) {
+        const int i = __ffs(rm) - 1;
+        rm &= rm - 1u;
+        bu = min(bu, (vr + 1 + h * RW + i) & (D - 1));
+    }
+    while (am) {
+        const int i = __ffs(am) - 1;
+        am &= am - 1u;
+        bu = min(bu, (w - i) & (D - 1));
+    }
+#pragma unroll
+    for (int off = 8; off < 8 * TPR; off *= 2) bu = min(bu, __shfl_xor_sync(kFull, bu, off));
+    if (h == 0 && v < D) best[v] = static_cast<uint8_t>(bu);
+}
+
+// First choices of single columns, the whole matrix holding pair weights: the
 // cheapest partner of column v is the smallest (weight, u) of row v. TPR
 // threads per row (8 consecutive rows per quarter-warp: conflict-free 16-byte
 // loads), each scanning its columns downwards with <= (the smallest u wins a
 // tie; the NaN diagonal never does), then merged across the TPR threads.
 template <int D>
-__device__ __forceinline__ void first_choices(const float* m, uint8_t* best, int tid) {
+__device__ __forceinline__ void first_choices_whole(const float* m, uint8_t* best, int tid) {
     constexpr int P = D + 4;
     constexpr int TPR = D == 128 ? 2 : 4;   // threads per row
     constexpr int W = D / TPR;              // columns per thread
@@ -530,7 +661,29 @@ __device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* c
     constexpr int NI = Slots<D / S>::NI;
     uint32_t bk = kFull, bu = kFull;
     if (lane == 0) DA_COUNT(8);
-    if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
+    if constexpr (S == 1 && Costs<D, G, KW>::kDist && Costs<D, G, KW>::kFold) {
+        // Pair weights of the folded matrix (tidy: float order is key order):
+        // (v, u) in row v at offset d - 1 if d = (u - v) mod D <= H, else in
+        // row u at offset D - 1 - d. u ascends with k: strict < keeps the
+        // smallest u of a tie.
+        constexpr int H = D / 2, P = Costs<D, G, KW>::P;
+        const int du = NI * lane - v;
+        const float* rv = c.m + v * P - 1;                     // + d
+        const float* ru = c.m + NI * lane * P + (D - 1);       // + k P - d
+        // (u = v, d = 0, is skipped; its load, at offset D - 1 of row u,
+        // stays inside the block's shared memory and is discarded.)
+        float bv = INFINITY;
+#pragma unroll
+        for (int k = 0; k < NI; ++k) {
+            const int d = (du + k) & (D - 1);
+            const float x = (d <= H && d != 0 ? rv + d : ru + k * P - d)[0];
+            if (((fm[k] >> lane) & 1u) && d != 0 && x < bv) {
+                bv = x;
+                bu = static_cast<uint32_t>(NI * lane + k);
+            }
+        }
+        if (bu != kFull) bk = ord_f32(bv);
+    } else if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
         // Pair weights along row v (tidy: float order is key order), NI
         // consecutive ones per lane in one load, downwards with <=.
         const float* row = c.m + v * Costs<D, G, KW>::P + NI * lane;
@@ -593,7 +746,11 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
     __syncthreads();
     // First choices: everyone among everyone.
     if constexpr (S == 1 && Costs<D, G, KW>::kDist) {
-        first_choices<D>(c.m, best, tid);
+        if constexpr (Costs<D, G, KW>::kFold) {
+            first_choices_fold<D>(c.m, best, tid);
+        } else {
+            first_choices_whole<D>(c.m, best, tid);
+        }
     } else {
         uint32_t fm[NI];
 #pragma unroll
@@ -832,7 +989,8 @@ __device__ __forceinline__ void record(uint8_t* first, uint32_t* imp, int p, int
 // folded row, a run of slots each, no decoding. G >= 4: teams over the pairs.
 template <int D, int G, bool KW>
 __device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
-                                          const float* gcost, uint32_t* imp, uint8_t* first, int tid) {
+                                          const float* gcost, uint32_t* imp, uint8_t* first, uint16_t* pairs,
+                                          int tid) {
     constexpr int n = D / G, NP = n * (n - 1) / 2;
     if constexpr (G == 2) {
         constexpr int H = n / 2, TPF = kSimThreads / H, CH = (n + TPF - 1) / TPF;
@@ -846,6 +1004,7 @@ __device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_
                 const int r = eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0);
                 const int p = pair_index(a, b, n);
                 first[p] = static_cast<uint8_t>(r);
+                pairs[p] = static_cast<uint16_t>(a | b << 8);
                 if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
             }
         }
@@ -861,6 +1020,7 @@ __device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_
             const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
             if (has && lane % T == 0) {
                 first[p] = static_cast<uint8_t>(r);
+                pairs[p] = static_cast<uint16_t>(a | b << 8);
                 if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
             }
         }
@@ -872,14 +1032,18 @@ __device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_
 template <int D, int G, bool KW>
 __device__ __forceinline__ void eval_stale(const Costs<D, G, KW>& c, const uint8_t* cm, const float* selfs,
                                            const float* gcost, const uint32_t* stale, uint32_t* imp, uint8_t* first,
-                                           int tid) {
+                                           const uint16_t* pairs, int tid) {
     constexpr int n = D / G, NP = n * (n - 1) / 2;
     if constexpr (G == 2) {
-        for (int p = tid; p < NP; p += kSimThreads) {
-            if ((stale[p >> 5] >> (p & 31)) & 1u) {
-                int a, b;
-                pair_of(p, n, a, b);
-                record(first, imp, p, eval_pair2<D, G, KW>(c, cm, gcost, a, b, 0));
+        // A thread per word of the mask (stale pairs are few: those the last pass took).
+        constexpr int NW = (NP + 31) / 32;
+        for (int wi = tid; wi < NW; wi += kSimThreads) {
+            uint32_t bits = stale[wi];
+            while (bits) {
+                const int p = 32 * wi + __ffs(bits) - 1;
+                bits &= bits - 1u;
+                const int ab = pairs[p];
+                record(first, imp, p, eval_pair2<D, G, KW>(c, cm, gcost, ab & 0xff, ab >> 8, 0));
             }
         }
     } else {
@@ -889,9 +1053,8 @@ __device__ __forceinline__ void eval_stale(const Costs<D, G, KW>& c, const uint8
             const int p = base + team;
             const bool has = p < NP && ((stale[p >> 5] >> (p & 31)) & 1u);
             if (!__any_sync(kFull, has)) continue;
-            int a = 0, b = 1;
-            if (has) pair_of(p, n, a, b);
-            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, a, b, 0, has, lane);
+            const int ab = has ? pairs[p] : 1 << 8;
+            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, ab & 0xff, ab >> 8, 0, has, lane);
             if (has && lane % T == 0) record(first, imp, p, r);
         }
     }
@@ -964,11 +1127,13 @@ template <typename T, int D, int G, bool KW>
 __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nh = p.head_map_len > 0 ? p.head_map_len : p.heads;
-    const long long unit = blockIdx.x;
-    const int blk = static_cast<int>(unit % p.num_blocks);
-    const long long bh = unit / p.num_blocks;
-    const int h = p.head_map_len > 0 ? p.head_map[bh % nh] : static_cast<int>(bh % nh);
-    const long long b = bh / nh;
+    // (32-bit index arithmetic: the grid is below 2^31 blocks)
+    const uint32_t unit = blockIdx.x;
+    const int blk = static_cast<int>(unit % static_cast<uint32_t>(p.num_blocks));
+    const uint32_t bh = unit / static_cast<uint32_t>(p.num_blocks);
+    const int hi = static_cast<int>(bh % static_cast<uint32_t>(nh));
+    const int h = p.head_map_len > 0 ? p.head_map[hi] : hi;
+    const long long b = bh / static_cast<uint32_t>(nh);
     uint16_t* out = p.plan + ((b * p.heads + h) * p.num_blocks + blk) * D;
     if constexpr (G == 1) {
         for (int j = tid; j < D; j += kSimThreads) out[j] = static_cast<uint16_t>(j);
@@ -991,6 +1156,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         uint32_t* imp = reinterpret_cast<uint32_t*>(smem + Tr::kOffImp);
         uint32_t* stale = reinterpret_cast<uint32_t*>(smem + Tr::kOffStale);
         uint8_t* first = smem + Tr::kOffFirst;
+        uint16_t* pairs = reinterpret_cast<uint16_t*>(smem + Tr::kOffPairs);
         const float* gk = nullptr;
         if constexpr (KW) gk = p.gk + (b * p.kv_heads + h / p.heads_per_kv) * D * D;
 
@@ -1018,9 +1184,9 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         }
         __syncthreads();
 
-        // ---- Gram (upper tiles) -> the matrix (mirrored) ----
+        // ---- Gram (band tiles) -> the folded matrix ----
         {
-            constexpr int NB = D / 16, NT = NB * (NB + 1) / 2, PW = (NT + kSimWarps - 1) / kSimWarps;
+            constexpr int PW = Band<D>::PW;
             float acc[PW][2][4];
 #pragma unroll
             for (int s = 0; s < PW; ++s)
@@ -1028,29 +1194,30 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                 for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[s][nt][e] = 0.f;
-            gram_q<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
-            if constexpr (C::kDist) store_diag<D>(acc, warp, lane, diag);
+            gram_band<T, D, Tr::kQP>(acc, qs, kend, warp, lane);
+            store_diag<D>(acc, warp, lane, diag);
             __syncthreads();   // Q is read by all warps before the matrix overwrites it
-            store_matrix<D>(acc, warp, lane, mat, [&](int r, int cc, float v, bool on_diagonal) {
+            store_band<D, Tr::kFold>(acc, warp, lane, mat, diag, [&](int r, int cc, float v, float drr, float dcc) {
                 if constexpr (C::kDist) {
                     // The pair weight (Similarity: the distance (Gq_rr + Gq_cc) - 2 Gq_rc,
-                    // never -0; KeyWeighted: the core's pair_cost); the diagonal is no weight.
-                    const float dq = diag[r] + diag[cc] - 2.f * v;
-                    float x;
+                    // never -0; KeyWeighted: the core's pair_cost).
+                    const float dq = __fmaf_rn(-2.f, v, drr + dcc);   // (2 Gq_rc is exact)
                     if constexpr (KW) {
                         const float dk = kdiag[r] + kdiag[cc] - 2.f * __ldg(gk + r * D + cc);
-                        x = tidy(dq * dk / 4.f);
+                        return tidy(dq * dk / 4.f);
                     } else {
-                        x = fminf(dq, INFINITY);   // NaN -> +inf
+                        return fminf(dq, INFINITY);   // NaN -> +inf
                     }
-                    return on_diagonal ? NAN : x;
                 } else {
                     return v;
                 }
             });
+            // The diagonal of the whole matrix: pair weights NaN (never chosen), else Gq's.
+            if constexpr (!Tr::kFold)
+                for (int j = tid; j < D; j += kSimThreads) mat[j * Tr::kMP + j] = C::kDist ? NAN : diag[j];
         }
         __syncthreads();
-        const C c{mat, gk, kdiag};
+        const C c{mat, gk, kdiag, diag};
 
         // ---- greedy rounds ----
         greedy_round<D, G, KW, 1>(c, cur, cur + D, gcost, mate, best, red, tid);
@@ -1079,10 +1246,10 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         __syncthreads();
         for (int i = tid; i < D; i += kSimThreads) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, i / G, i % G);
         __syncthreads();
-        full_pass<D, G, KW>(c, cm, selfs, gcost, imp, first, tid);
+        full_pass<D, G, KW>(c, cm, selfs, gcost, imp, first, pairs, tid);
         for (int pass = 0; pass < 8; ++pass) {
             if (tid == 0) DA_COUNT(7);
-            if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, tid);
+            if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, pairs, tid);
             __syncthreads();
             for (int w = tid; w < NW; w += kSimThreads) stale[w] = 0u;
             bool improved = false;
@@ -1095,8 +1262,8 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
                     const int qp = next_pair<NW>(imp, pstart, lane);
                     if (qp >= 0) {
                         const int idx = first[qp];
-                        int a, bb;
-                        pair_of(qp, n, a, bb);
+                        const int ab = pairs[qp];   // (decoded by the full pass)
+                        const int a = ab & 0xff, bb = ab >> 8;
                         const int x = idx / G, y = idx % G;
                         if (lane == 0) {
                             const int ca = cm[a * G + x], cbm = cm[bb * G + y];
@@ -1270,10 +1437,12 @@ extern __shared__ __align__(16) unsigned char da_smem_[];
 
 // da_simplan_<dtype>_d<D>_g<G>_<sim|kw> and its dynamic shared-memory size
 // da_simplan_..._smem (read by the driver); da_kgram_<dtype>_d<D> likewise.
-// CTAs per SM the register budget is cut for: 3 at D = 128 (shared memory
-// allows 3) and for key-weighted G = 8 (cluster costs of 8), 4 otherwise.
+// CTAs per SM the register budget is cut for: 3 for key-weighted G = 8
+// (cluster costs of 8) and where the whole matrix at D = 128 allows only 3,
+// 4 otherwise (the folded matrix would allow 5).
 #define DA_SIMPLAN(DT, T, D, G, KW, MODE)                                                                  \
-    extern "C" __global__ void __launch_bounds__(da::kSimThreads, D == 128 || (KW && G == 8) ? 3 : 4)      \
+    extern "C" __global__ void __launch_bounds__(da::kSimThreads,                                          \
+                                                 (KW && G == 8) || (D == 128 && !da::Fold<D, G>::value) ? 3 : 4) \
         da_simplan_##DT##_d##D##_g##G##_##MODE(const SimPlanParams p) {                                    \
         da::simplan_body<T, D, G, KW>(p, DA_SMEM_PTR);                                                     \
     }                                                                                                      \

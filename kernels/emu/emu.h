@@ -81,6 +81,7 @@ inline uint32_t __float_as_uint(float f) {
     return u;
 }
 inline int __popc(uint32_t x) { return __builtin_popcount(x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 template <typename T>
 inline T __ldg(const T* p) {
     return *p;
