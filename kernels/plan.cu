@@ -102,12 +102,10 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
                       ((p.q_batch_stride | p.q_row_stride | p.q_head_stride) % 8 == 0);
     const long long units = (long long)p.batch * p.heads * p.num_blocks;
     auto load = [&](long long u, int buf) {
-        // Heads vary fastest along u: CTAs running together read all heads
-        // of the same rows, i.e. whole contiguous rows of BSHD Q (DRAM pages).
-        const int h = (int)(u % p.heads);
-        const long long bb = u / p.heads;
-        const int blk = (int)(bb % p.num_blocks);
-        const long long b = bb / p.num_blocks;
+        const int blk = (int)(u % p.num_blocks);
+        const long long bh = u / p.num_blocks;
+        const int h = (int)(bh % p.heads);
+        const long long b = bh / p.heads;
         const int row0 = blk * L;
         const int rows = min(L, p.q_len - row0);
         const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + (long long)row0 * p.q_row_stride +
@@ -228,9 +226,7 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
             const int slices = min(nthreads / D, D / (16 / (int)sizeof(Key)));
             int rank = 0;
             for (int s = 0; s < slices; ++s) rank += s_rank[s * D + tid];
-            const long long bb = u / p.heads;   // the plan is [batch][heads][blocks][D]
-            const long long out = ((bb / p.num_blocks * p.heads + u % p.heads) * p.num_blocks + bb % p.num_blocks) * D;
-            p.plan[out + rank] = static_cast<uint16_t>(tid);
+            p.plan[u * D + rank] = static_cast<uint16_t>(tid);
         }
         // The next iteration's first barrier orders these reads of s_rank and
         // s_keys before they are rewritten.
