@@ -35,10 +35,11 @@
 //! `reference::attention` on the same plan), in f16 or bf16 with f32
 //! accumulation:
 //! * **Plan**: per (batch, head, block of `block_rows` query rows) the P dot
-//!   products of each column with R (f32 accumulation), inverse-Gray keys, a
-//!   stable sort; one warp per block. `block_rows <= 128`, `head_dim` in
-//!   {16, 32, 64, 128}. It equals the core's f64 plan except where a
-//!   dot product is within rounding of zero.
+//!   products of each column with R on tensor cores (R split exactly into
+//!   three parts of Q's type, f32 accumulation), inverse-Gray keys, a
+//!   stable sort; one CTA per block at a time. `block_rows <= 128`,
+//!   `head_dim` in {16, 32, 64, 128}. It equals the core's f64 plan except
+//!   where a dot product is within rounding of zero.
 //! * **Similarity / key-weighted plan** (`Config::grouping`; key-weighted
 //!   through [`Engine::plan_with_keys`]): the core's greedy grouping and
 //!   swap refinement, one CTA per block (Gram matrix with mma.sync, the
