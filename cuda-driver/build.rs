@@ -148,10 +148,18 @@ fn main() {
         return;
     }
     let kernels = workspace_root().join("kernels");
-    for f in ["common.cuh", "plan.cu", "fwd.cu", "hfwd.cu", "wgmma_ops.cuh", "simplan.cu"] {
+    for f in [
+        "common.cuh",
+        "inverse_gray.cuh",
+        "plan.cu",
+        "fwd.cu",
+        "hfwd.cu",
+        "bwd.cu",
+        "wgmma_ops.cuh",
+        "simplan.cu",
+    ] {
         println!("cargo:rerun-if-changed={}", kernels.join(f).display());
     }
-    println!("cargo:rerun-if-changed={}", kernels.join("bwd.cu").display());
     let Some(nvcc) = find_nvcc() else {
         panic!(
             "\n\ndistr-attention-cuda: the `cuda` feature needs nvcc (CUDA 12.x or 13.x) and none was found.\n\

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "inverse_gray.cuh"
+
 // Query heads one attention launch can address through `head_map`.
 #define DA_HEAD_MAP_MAX 256
 
@@ -150,16 +152,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
-}
-
-// Position of `code` in the reflected binary Gray sequence (core's inverse_gray).
-__device__ __forceinline__ uint32_t inverse_gray(uint32_t n) {
-    n ^= n >> 1;
-    n ^= n >> 2;
-    n ^= n >> 4;
-    n ^= n >> 8;
-    n ^= n >> 16;
-    return n;
 }
 
 }  // namespace da

@@ -202,9 +202,10 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
         // Rank of each column among the D (distinct) keys = its position:
         // thread tid counts the keys of slice tid / D smaller than column
         // tid % D's, in independent counters (short dependency chains).
+        constexpr int kPer = 16 / sizeof(Key);   // keys per 16-byte load
+        const int slices = min(nthreads / D, D / kPer);
         {
-            constexpr int kPer = 16 / sizeof(Key);
-            const int slices = min(nthreads / D, D / kPer), len = D / slices;
+            const int len = D / slices;
             const int j = tid % D, s = tid / D;
             if (s < slices) {
                 const Key mine = s_keys[j];
@@ -223,7 +224,6 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
         }
         __syncthreads();
         if (tid < D) {
-            const int slices = min(nthreads / D, D / (16 / (int)sizeof(Key)));
             int rank = 0;
             for (int s = 0; s < slices; ++s) rank += s_rank[s * D + tid];
             p.plan[u * D + rank] = static_cast<uint16_t>(tid);

@@ -296,10 +296,12 @@ template <typename T> struct Num;
 template <> struct Num<__half> {
     static constexpr bool kBf16 = false;
     static float to_float(__half x) { return __half2float(x); }
+    static __half from_float(float x) { return __float2half_rn(x); }
 };
 template <> struct Num<__nv_bfloat16> {
     static constexpr bool kBf16 = true;
     static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 inline float emu_elem(uint32_t reg, int hi, bool bf16) {

@@ -27,22 +27,10 @@ struct alignas(16) uint4 {
 };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 #define __host__
+#include "../inverse_gray.cuh"
 #define blockDim (emu::Dim{static_cast<unsigned>(emu::g_block->nthreads)})
 
 namespace da {
-
-// Num with from_float (emu.h's has to_float only).
-template <typename T> struct PNum;
-template <> struct PNum<__nv_bfloat16> {
-    static constexpr bool kBf16 = true;
-    static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
-template <> struct PNum<__half> {
-    static constexpr bool kBf16 = false;
-    static float to_float(__half x) { return __half2float(x); }
-    static __half from_float(float x) { return __float2half_rn(x); }
-};
 
 // cp.async: queued per thread, landed at the cp.async.wait_group that covers it.
 struct Copy {
@@ -84,20 +72,9 @@ inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
         std::memcpy(&r[i], emu::g_block->smem.data() + all[8 * i + l / 4] + 4 * (l % 4), 4);
 }
 
-inline uint32_t inverse_gray(uint32_t n) {
-    n ^= n >> 1;
-    n ^= n >> 2;
-    n ^= n >> 4;
-    n ^= n >> 8;
-    n ^= n >> 16;
-    return n;
-}
-
 }  // namespace da
 
-#define Num PNum
 #include "../plan.cu"
-#undef Num
 
 // The plan of one block in f64 (ALGORITHM.md): bit p = dot > 0, the code's
 // inverse-Gray key, a stable sort by (key, column). `near` reports whether
@@ -112,7 +89,7 @@ static std::vector<uint16_t> ref_block(const T* q, long long row_stride, int row
         for (int k = 0; k < p; ++k) {
             double dot = 0, mag = 0;
             for (int i = 0; i < rows; ++i) {
-                const double x = double(da::PNum<T>::to_float(q[i * row_stride + j])) * r[i * p + k];
+                const double x = double(da::Num<T>::to_float(q[i * row_stride + j])) * r[i * p + k];
                 dot += x;
                 mag += std::fabs(x);
             }
@@ -136,7 +113,7 @@ static int run_case(std::mt19937& rng, int c, bool verbose) {
     const long long hs = d + pad, rs = heads * hs, bs = n * rs;
     std::normal_distribution<float> nd;
     std::vector<T> q(batch * bs);
-    for (auto& x : q) x = da::PNum<T>::from_float(nd(rng));
+    for (auto& x : q) x = da::Num<T>::from_float(nd(rng));
     if (c % 3 == 0)   // duplicate columns: equal keys, order by the tie-break
         for (long long i = 0; i < (long long)q.size(); ++i)
             if (i % hs >= 1 && i % hs < d && (i % hs) % 3 == 1) q[i] = q[i - 1];
@@ -146,9 +123,7 @@ static int run_case(std::mt19937& rng, int c, bool verbose) {
     std::vector<uint16_t> got(size_t(batch) * heads * blocks * d, 0xffff);
     PlanParams prm{q.data(), got.data(), r.data(), bs, rs, hs, n, heads, d, l, p, blocks, 0, batch};
     const int pmax = p <= 8 ? 8 : p <= 16 ? 16 : 32;
-    const int keyb = pmax <= 16 ? 4 : 8;
-    const int lp = (l + 15) / 16 * 16;
-    const size_t smem = 3 * pmax * (lp + 8) * 2 + 2 * lp * (d + 8) * 2 + d * keyb + 4 * da::plan_threads(d);
+    const size_t smem = pmax <= 16 ? da::plan_smem_bytes<uint32_t>(pmax, l, d) : da::plan_smem_bytes<uint64_t>(pmax, l, d);
     const unsigned grid = 1 + rng() % 3;   // a CTA walks several blocks, both buffers
     void (*k)(PlanParams);
     if constexpr (std::is_same_v<T, __nv_bfloat16>)
