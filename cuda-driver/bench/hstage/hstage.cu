@@ -27,15 +27,8 @@
 #include <cuda_bf16.h>
 
 #include "common.cuh"
+#include "cuda_check.h"
 
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e_ = (x);                                                               \
-        if (e_ != cudaSuccess) {                                                            \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
 
 using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM;

@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include HFWD_FILE
+#include "cuda_check.h"
 
 namespace HS_NS {
 using T = __nv_bfloat16;
@@ -23,25 +24,17 @@ __global__ void __launch_bounds__(da::kHThreads, 1)
 #endif
 }
 
-#define HCK(x)                                                                                 \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 template <int G, int X>
 static void launch_t(const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st) {
     constexpr int smem = da::HTraits<D, G>::kSmem;
     static bool once = false;
     if (!once) {
-        HCK(cudaFuncSetAttribute(hkern<G, X>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        CK(cudaFuncSetAttribute(hkern<G, X>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         once = true;
     }
     hkern<G, X><<<grid, da::kHThreads, smem, st>>>(p, m);
-    HCK(cudaGetLastError());
+    CK(cudaGetLastError());
 }
 
 template <int G>
@@ -73,9 +66,9 @@ bool prof(unsigned long long* out, bool reset) {
 #if HS_PROF
     if (reset) {
         unsigned long long z[8] = {};
-        HCK(cudaMemcpyToSymbol(da::hprof, z, sizeof(z)));
+        CK(cudaMemcpyToSymbol(da::hprof, z, sizeof(z)));
     } else {
-        HCK(cudaMemcpyFromSymbol(out, da::hprof, 8 * sizeof(unsigned long long)));
+        CK(cudaMemcpyFromSymbol(out, da::hprof, 8 * sizeof(unsigned long long)));
     }
     return true;
 #else
