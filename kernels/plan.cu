@@ -19,14 +19,15 @@
 // The three parts are three groups of n-columns of B; each lane combines the
 // parts of the same (column, projection) it holds in its accumulators.
 //
-// One CTA per block at a time, a persistent grid; Q tiles are
-// double-buffered with cp.async (the next block's tile loads while this one
-// is hashed and sorted). CTA size plan_threads(D): 8 warps at D = 128, 4
-// below (more CTAs per SM, hence more tiles in flight; kernels/NOTES.md has
-// the measurements). Warp w owns the 16-column m-tile w (D < 64: fewer warps
-// have work). The sort is a rank computation over the D keys: each column's
-// rank is counted by several threads over slices of the keys (short serial
-// chains), then summed.
+// One CTA per block at a time, a persistent grid of 4 CTAs per SM; Q tiles
+// come by cp.async, double-buffered below D = 128 (the next block's tile
+// loads while this one is hashed and sorted), single at D = 128 (where two
+// tiles would halve the CTAs per SM, and the other CTAs' loads overlap this
+// one's hashing). CTA size plan_threads(D): 8 warps at D = 128, 4 below
+// (kernels/NOTES.md has the measurements). Warp w owns the 16-column m-tile
+// w (D < 64: fewer warps have work). The sort is a rank computation over the
+// D keys: each column's rank is counted by several threads over slices of
+// the keys (short serial chains), then summed.
 #include <type_traits>
 
 #ifdef DA_EMULATE   // host emulation (kernels/emu/plan_emu.cpp provides the CUDA subset)
@@ -45,21 +46,39 @@ constexpr int kPlanMaxDim = 128;
 constexpr int kPlanMaxRows = 128;
 constexpr float kPlanMidScale = 4096.f;        // 2^12
 constexpr float kPlanLoScale = 16777216.f;     // 2^24
+// Q tiles in shared memory per CTA for head_dim d: at d = 128 one (the
+// tile is loaded, then hashed: 4 CTAs per SM overlap each other's loads),
+// below two (one hashed while the next loads; 4 CTAs per SM either way).
+// kernels/NOTES.md has the measurements.
+__host__ __device__ constexpr int plan_stages(int d) { return d > 64 ? 1 : 2; }
 
 // Shared memory (bytes) for a launch: R's three parts transposed
-// [3 PMAX][Lp + 8], two Q tiles [Lp][D + 8] (16-byte padded rows:
+// [3 PMAX][Lp + 8], plan_stages(D) Q tiles [Lp][D + 8] (16-byte padded rows:
 // conflict-free ldmatrix), D sort keys, the partial ranks (one int per
 // thread). Lp = block_rows rounded up to 16.
 template <typename Key>
 __host__ __device__ constexpr int plan_smem_bytes(int pmax, int block_rows, int d) {
     const int lp = (block_rows + 15) / 16 * 16;
-    return 3 * pmax * (lp + 8) * 2 + 2 * lp * (d + 8) * 2 + d * (int)sizeof(Key) + 4 * plan_threads(d);
+    return 3 * pmax * (lp + 8) * 2 + plan_stages(d) * lp * (d + 8) * 2 + d * (int)sizeof(Key) + 4 * plan_threads(d);
 }
+
+// The largest of them (block_rows = 128; the tile count changes at d = 64).
+template <typename Key>
+__host__ __device__ constexpr int plan_smem_bytes_max(int pmax) {
+    const int a = plan_smem_bytes<Key>(pmax, kPlanMaxRows, kPlanMaxDim);
+    const int b = plan_smem_bytes<Key>(pmax, kPlanMaxRows, 64);
+    return a > b ? a : b;
+}
+
+// CTAs per SM the register budget is set for: 4 (64 registers a thread;
+// with one Q tile at d = 128 four CTAs fit), 2 at PMAX = 32 (its 48
+// accumulators a thread would spill under 64).
+constexpr int plan_min_ctas(int pmax) { return pmax <= 16 ? 4 : 2; }
 
 template <int PMAX>
 using PlanKey = typename std::conditional<(PMAX <= 16), uint32_t, uint64_t>::type;
 
-template <typename T, int PMAX>
+template <typename T, int PMAX, int STAGES>
 __device__ __forceinline__ void plan_body(const PlanParams& p) {
     using Key = PlanKey<PMAX>;
     constexpr bool kBf16 = Num<T>::kBf16;
@@ -70,10 +89,11 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
     const int D = p.head_dim, P = p.num_proj, L = p.block_rows;
     const int Lp = (L + 15) / 16 * 16;
     const int rpitch = (Lp + 8) * 2, qpitch = (D + 8) * 2;   // bytes
+    constexpr int stages = STAGES;   // plan_stages(D)
 
     T* s_r = reinterpret_cast<T*>(smem);
-    unsigned char* s_q = smem + 3 * PMAX * rpitch;           // two tiles of Lp * qpitch
-    Key* s_keys = reinterpret_cast<Key*>(s_q + 2 * Lp * qpitch);
+    unsigned char* s_q = smem + 3 * PMAX * rpitch;           // `stages` tiles of Lp * qpitch
+    Key* s_keys = reinterpret_cast<Key*>(s_q + stages * Lp * qpitch);
     int* s_rank = reinterpret_cast<int*>(s_keys + D);   // [256 / D][D] partial ranks
 
     // R^T split into parts: row n = part * PMAX + projection, column = row of R.
@@ -89,8 +109,8 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
         s_r[(1 * PMAX + k) * (rpitch / 2) + r] = mid;
         s_r[(2 * PMAX + k) * (rpitch / 2) + r] = lo;
     }
-    // Rows L..Lp of both Q tiles stay zero (never loaded).
-    for (int i = tid; i < 2 * (Lp - L) * (D / 8); i += nthreads) {
+    // Rows L..Lp of the Q tiles stay zero (never loaded).
+    for (int i = tid; i < stages * (Lp - L) * (D / 8); i += nthreads) {
         const int t = i / ((Lp - L) * (D / 8)), rest = i % ((Lp - L) * (D / 8));
         const int r = L + rest / (D / 8), c = rest % (D / 8);
         *reinterpret_cast<uint4*>(s_q + t * Lp * qpitch + r * qpitch + c * 16) = make_uint4(0, 0, 0, 0);
@@ -138,15 +158,21 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
     const uint32_t b_lane = smem_addr(s_r) + ((mq / 2) * 8 + lane % 8) * rpitch + (mq % 2) * 16;
     const int ksteps = Lp / 16, mtiles = D / 16;
 
+    // This CTA's blocks are u = blockIdx.x + k gridDim.x; block k lives in
+    // tile k % stages, loaded stages - 1 blocks ahead (one commit group per
+    // block, empty past the end).
     long long u = blockIdx.x;
-    if (u < units) load(u, 0);
-    cp_async_commit();
-    for (int it = 0; u < units; ++it, u += gridDim.x) {
-        const int buf = it & 1;
-        if (u + gridDim.x < units) load(u + gridDim.x, buf ^ 1);
+    for (int k = 0; k < stages - 1; ++k) {
+        if (u + k * gridDim.x < units) load(u + k * gridDim.x, k);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();   // tile u visible; the previous block's keys read
+    }
+    for (int it = 0; u < units; ++it, u += gridDim.x) {
+        const int buf = it % stages;
+        const long long ahead = u + (long long)(stages - 1) * gridDim.x;
+        if (ahead < units) load(ahead, (it + stages - 1) % stages);
+        cp_async_commit();
+        cp_async_wait<stages - 1>();
+        __syncthreads();   // tile u visible; the previous block's keys and tile read
 
         const uint32_t q_tile = smem_addr(s_q + buf * Lp * qpitch);
         if (warp < mtiles) {
@@ -237,12 +263,14 @@ __device__ __forceinline__ void plan_body(const PlanParams& p) {
 }  // namespace da
 
 // da_plan_<dtype>_p<PMAX>: P <= PMAX projections; <name>_smem is the
-// largest dynamic shared memory a launch asks for (block_rows = D = 128).
+// largest dynamic shared memory a launch asks for.
 #define DA_PLAN(NAME, T, PMAX)                                                                      \
     extern "C" __device__ const int NAME##_smem =                                                  \
-        da::plan_smem_bytes<da::PlanKey<PMAX>>(PMAX, da::kPlanMaxRows, da::kPlanMaxDim);            \
-    extern "C" __global__ void __launch_bounds__(da::kPlanMaxThreads, 2) NAME(const PlanParams p) { \
-        da::plan_body<T, PMAX>(p);                                                                  \
+        da::plan_smem_bytes_max<da::PlanKey<PMAX>>(PMAX);                                          \
+    extern "C" __global__ void __launch_bounds__(da::kPlanMaxThreads, da::plan_min_ctas(PMAX))     \
+        NAME(const PlanParams p) {                                                                  \
+        if (da::plan_stages(p.head_dim) == 1) da::plan_body<T, PMAX, 1>(p);                         \
+        else da::plan_body<T, PMAX, 2>(p);                                                          \
     }
 DA_PLAN(da_plan_f16_p8, __half, 8)
 DA_PLAN(da_plan_f16_p16, __half, 16)

@@ -394,15 +394,16 @@ impl Engine {
         let pmax = [8, 16, 32].into_iter().find(|&m| p <= m).expect("P <= 32 is validated");
         let name = format!("da_plan_{}_p{pmax}", if q.dtype == DType::BF16 { "bf16" } else { "f16" });
         // kernels/plan.cu (plan_smem_bytes): R's three parts [3 pmax][lp + 8],
-        // two Q tiles [lp][d + 8] (T), d sort keys (u32 for pmax <= 16, else
-        // u64), partial ranks (one i32 per thread). Its CTA size is
-        // plan_threads(d): 8 warps at d = 128, else 4.
-        let threads: u32 = if d > 64 { 256 } else { 128 };
+        // plan_stages(d) Q tiles [lp][d + 8] (T; one at d = 128, else two),
+        // d sort keys (u32 for pmax <= 16, else u64), partial ranks (one i32
+        // per thread). Its CTA size is plan_threads(d): 8 warps at d = 128,
+        // else 4.
+        let (threads, stages): (u32, usize) = if d > 64 { (256, 1) } else { (128, 2) };
         let lp = l.div_ceil(16) * 16;
         let key_bytes = if pmax <= 16 { 4 } else { 8 };
-        let smem = 3 * pmax * (lp + 8) * 2 + 2 * lp * (d + 8) * 2 + d * key_bytes + 4 * threads as usize;
+        let smem = 3 * pmax * (lp + 8) * 2 + stages * lp * (d + 8) * 2 + d * key_bytes + 4 * threads as usize;
         let f = self.loaded.function("plan", &name, true)?;
-        debug_assert!(smem <= f.smem as usize, "the kernel's limit covers block_rows = head_dim = 128");
+        debug_assert!(smem <= f.smem as usize, "the kernel's limit covers block_rows <= 128, d <= 128");
         let lay = &q.layout;
         let params = PlanParams {
             q: q.ptr,
