@@ -81,10 +81,13 @@ echo "== cargo test -p distr-attention-cuda --features cuda"
 cargo test -p distr-attention-cuda --features cuda -- --nocapture
 
 # The LSH plan kernel's logic under the host emulation (no GPU needed):
-# fragments, the split of R, the double-buffered copies, the sort.
+# fragments, the split of R, the tile pipeline (one or two tiles), the sort.
 echo "== kernels/emu/plan_emu"
 "${CXX:-c++}" -std=c++20 -O2 -fno-strict-aliasing -DDA_EMULATE -I kernels kernels/emu/plan_emu.cpp -o target/plan_emu
 target/plan_emu 48 | tail -n 1
+# The plan kernel's timing harness still builds (run on the GPU machine only).
+echo "== cuda-driver/bench/planstage"
+DEV=target/planstage bash cuda-driver/bench/planstage/build.sh > /dev/null
 
 # The C ABI with its CUDA entry points: the same header (checked by the
 # header test whatever the features), the Rust tests of the entry points'
