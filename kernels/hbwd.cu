@@ -16,14 +16,17 @@
 //       G > 1: Khat [64 keys][KW] rebuilt from the resident raw K when the
 //              plan block changes (lanes = keys: conflict-free gathers);
 //       S^T  = Khat Qhat^T    wgmma m64n64, k = KW, A and B K-major (smem)
-//       dP^T = V dO^T         wgmma m64n64, k = D
+//       dP^T = V dO^T         wgmma m64n64, k = D (its own commit group: P^T
+//              is computed while it runs)
 //       P^T = exp2(S^T scale log2e - LSE log2e) (masked), dS^T = P^T (dP^T - Delta)
-//       dV  += P^T dO         wgmma m64nD, A = P^T from registers, B = dO MN-major
-//       dK  += dS^T Qtilde    wgmma m64nD, A = dS^T from registers
 //       dQhat_part = dS Khat  wgmma m64n64 (per 64 columns), A = dS^T stored
 //              [key][query] (MN-major A), B = Khat [key][t] (MN-major),
 //              k = this consumer's 64 keys; added to the f32 accumulator
-//              with red.global.add.v2.f32 (both consumers add their part).
+//              with red.global.add.v2.f32 (both consumers add their part)
+//              while dV and dK run:
+//       dV  += P^T dO         wgmma m64nD, A = P^T from registers, B = dO MN-major
+//       dK  += dS^T Qtilde    wgmma m64nD, A = dS^T from registers
+// Each CTA walks its query tiles from a rotated start (2 blockIdx.x tiles).
 //
 // Shared-memory operands use the 128-byte-swizzle layout of hfwd.cu: one
 // region of R rows x 128 bytes per 64 columns, row r's 16-byte chunk j at
@@ -135,7 +138,14 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
         const int i = it / per_head;
         return p.kv_map_len ? (int)p.q_list[q_first + i] : q_first + i;
     };
-    auto item_row0 = [&](int it) { return (mt_begin + it % per_head) * BM; };
+    // The key tiles of a head start their query-tile walk at different tiles
+    // (an even rotation keeps a 128-row plan block's two tiles together), so
+    // concurrent CTAs add to different dQhat rows.
+    const int rot = per_head > 1 ? (2 * (int)blockIdx.x) % per_head : 0;
+    auto item_row0 = [&](int it) {
+        const int t = it % per_head + rot;
+        return (mt_begin + (t >= per_head ? t - per_head : t)) * BM;
+    };
 
     const T* kg = static_cast<const T*>(p.k) + (long long)b * p.k_batch_stride + (long long)hk * p.k_head_stride +
                   (long long)n0 * p.k_row_stride;
@@ -279,7 +289,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 }
             }
 
-            // ---- S^T = Khat Qhat^T, dP^T = V dO^T ----
+            // ---- S^T = Khat Qhat^T, dP^T = V dO^T: two commit groups; P^T is
+            // computed while dP^T is still in the tensor pipe ----
             float acc_s[BM / 2], acc_dp[BM / 2];
             wgmma_fence();
 #pragma unroll
@@ -289,6 +300,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 if (kk == 0) Wgmma<BM, kBf16>::ss_first(acc_s, a, bq);
                 else Wgmma<BM, kBf16>::ss(acc_s, a, bq, 1);
             }
+            wgmma_commit();
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 const uint64_t a = desc_kmaj(v_a, BN, kk), bd = desc_kmaj(st_do, BM, kk);
@@ -296,19 +308,17 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 else Wgmma<BM, kBf16>::ss(acc_dp, a, bd, 1);
             }
             wgmma_commit();
-            wgmma_wait<0>();
+            wgmma_wait<1>();
             fence_regs(acc_s);
-            fence_regs(acc_dp);
 
-            // ---- P^T and dS^T (a thread: keys g, g+8 of its warp's 16; queries nt*8 + 2c + e) ----
+            // ---- P^T (a thread: keys g, g+8 of its warp's 16; queries nt*8 + 2c + e) ----
             const int key_r = n0 + kl0 + warp * 16 + lane / 4;   // + 8 r
             const bool need_mask = (n0 + kl0 + WN > n_kv) || (p.causal && m0 + n_kv - n_q < n0 + kl0 + WN - 1);
 #pragma unroll
             for (int nt = 0; nt < BM / 8; ++nt) {
                 const int qc = nt * 8 + (lane % 4) * 2;
                 const float2 l2 = *reinterpret_cast<const float2*>(s_lse + qc);
-                const float2 d2 = *reinterpret_cast<const float2*>(s_delta + qc);
-                const float ll[2] = {l2.x * kLog2e, l2.y * kLog2e}, dd[2] = {d2.x, d2.y};
+                const float ll[2] = {l2.x * kLog2e, l2.y * kLog2e};
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -321,8 +331,20 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                             x = ok ? x : 0.f;
                         }
                         acc_s[idx] = x;
-                        acc_dp[idx] = x * (acc_dp[idx] - dd[e]);
                     }
+            }
+            fence_regs(acc_s);
+            wgmma_wait<0>();
+            fence_regs(acc_dp);
+            // ---- dS^T = P^T (dP^T - Delta) ----
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; ++nt) {
+                const float2 d2 = *reinterpret_cast<const float2*>(s_delta + nt * 8 + (lane % 4) * 2);
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    acc_dp[nt * 4 + 2 * r] = acc_s[nt * 4 + 2 * r] * (acc_dp[nt * 4 + 2 * r] - d2.x);
+                    acc_dp[nt * 4 + 2 * r + 1] = acc_s[nt * 4 + 2 * r + 1] * (acc_dp[nt * 4 + 2 * r + 1] - d2.y);
+                }
             }
             uint32_t pf[BM / 16][4], dsf[BM / 16][4];
 #pragma unroll
@@ -344,42 +366,27 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                                  : "memory");
             }
             fence_proxy_async();
-
-            // ---- dV += P^T dO, dK += dS^T Qtilde (k = BM queries) ----
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_dv, pf[kk], desc_mn(st_do, BM, kk), 1);
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_dk, dsf[kk], desc_mn(st_q, BM, kk), 1);
-            wgmma_commit();
             named_bar(1 + cw, 128);   // dS^T of all four warps written
 
-            // ---- dQhat part = dS Khat over this warpgroup's keys, 64 columns at a time ----
+            // ---- dQhat part = dS Khat over this warpgroup's keys (64 columns per
+            // chunk), then dV += P^T dO, dK += dS^T Qtilde (k = BM queries): the
+            // first chunk's atomics run while dV and dK are in the tensor pipe ----
             float* acc_row = p.dq_acc + (((long long)b * p.q_heads + h) * n_q + m0 + warp * 16 + lane / 4) * D;
-#pragma unroll 1
-            for (int c = 0; c < KW / 64; ++c) {
-                float acc_q[32];
+            const bool row_ok[2] = {m0 + warp * 16 + lane / 4 < n_q, m0 + warp * 16 + lane / 4 + 8 < n_q};
+            auto issue_dq = [&](float (&acc_q)[32], int c) {
                 // B: Khat [key][t] (one region) or K rows kl0.. of region c.
                 const uint32_t kb = Tr::kFused ? k_a : sbase + Tr::kOffK + c * (BN * 128) + kl0 * 128;
-                wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < WN / 16; ++kk) {
                     const uint64_t a = desc_mn(ds_t, WN, kk), bk = desc_mn(kb, kKRows, kk);
                     if (kk == 0) Wgmma<64, kBf16>::ss_tt_first(acc_q, a, bk);
                     else Wgmma<64, kBf16>::ss_tt(acc_q, a, bk, 1);
                 }
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(acc_q);
-                if (c == 0) {
-                    fence_regs(acc_dv);
-                    fence_regs(acc_dk);
-                    // The stage's operands (Q, dO) and small parts are read: release it.
-                    if (lane == 0) mbar_arrive(bar_empty + 8 * s);
-                }
+            };
+            auto add_dq = [&](const float (&acc_q)[32], int c) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    if (m0 + warp * 16 + lane / 4 + 8 * r < n_q) {
+                    if (row_ok[r]) {
 #pragma unroll
                         for (int nt = 0; nt < 8; ++nt) {
                             const int t = c * 64 + nt * 8 + (lane % 4) * 2;
@@ -387,6 +394,45 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                         }
                     }
                 }
+            };
+            // The stage's operands (Q, dO) and small parts are read: release it
+            // (__syncwarp orders the other lanes' reads before lane 0's arrival).
+            auto release = [&]() {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bar_empty + 8 * s);
+            };
+            {
+                float acc_q[32];
+                wgmma_fence();
+                issue_dq(acc_q, 0);
+                wgmma_commit();
+#pragma unroll
+                for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_dv, pf[kk], desc_mn(st_do, BM, kk), 1);
+#pragma unroll
+                for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D, kBf16>::rs_tb(acc_dk, dsf[kk], desc_mn(st_q, BM, kk), 1);
+                wgmma_commit();
+                wgmma_wait<1>();
+                fence_regs(acc_q);
+                add_dq(acc_q, 0);
+            }
+            if constexpr (KW / 64 == 2) {
+                float acc_q[32];
+                wgmma_fence();
+                issue_dq(acc_q, 1);
+                wgmma_commit();
+                wgmma_wait<1>();
+                fence_regs(acc_dv);
+                fence_regs(acc_dk);
+                release();
+                wgmma_wait<0>();
+                fence_regs(acc_q);
+                add_dq(acc_q, 1);
+            } else {
+                static_assert(KW / 64 == 1, "dQhat chunks");
+                wgmma_wait<0>();
+                fence_regs(acc_dv);
+                fence_regs(acc_dk);
+                release();
             }
         }
 
