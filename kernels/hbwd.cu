@@ -183,7 +183,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
     if (wg == 0) {
         // ================= producer =================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
-        auto load_item = [&](int it, int s) {
+        auto load_item = [&](int it, int s, int lt) {
             const int h = item_head(it), m0 = item_row0(it);
             const int rows = n_q - m0;
             const long long row_base = ((long long)b * p.q_heads + h) * n_q + m0;
@@ -223,7 +223,12 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 mbar_arrive(bar_full + 8 * ((it - 1) % S));
             }
             if (it >= S) mbar_wait(bar_empty + 8 * s, ((it / S) + 1) & 1);
-            load_item(it, s);
+            // The thread's copy offsets are recomputed per item from an opaque
+            // copy of its index: hoisted out of the loop, they do not fit the
+            // producer's 24 registers (ptxas spilled them).
+            int lt_item;
+            asm volatile("mov.u32 %0, %1;\n" : "=r"(lt_item) : "r"(lt));
+            load_item(it, s, lt_item);
             cp_async_commit();
         }
         cp_async_wait_all();
