@@ -9,9 +9,10 @@
 // heads of the KV head and their query tiles (items) of BM = 64 rows.
 //   warpgroup 0, producer: loads each item's Q (G = 1) or Qhat and Qtilde
 //       (G > 1, from the row pass's workspace), dO, LSE, Delta and the plan
-//       row by cp.async into a stage (S = 2 or 3 stages), then arrives on
-//       full[s] (after cp.async.wait_all and fence.proxy.async); consumers
-//       release a stage by one arrival per warp on empty[s].
+//       row by cp.async into a stage (S = 2 or 3 stages), each thread's
+//       copies completing its arrival on full[s] (cp.async.mbarrier.arrive;
+//       the consumers fence.proxy.async before their wgmma reads); every
+//       consumer thread arrives on empty[s] once it has read the stage.
 //   warpgroups 1, 2, consumers of 64 keys each (kl0 = 64 cw):
 //       G > 1: Khat [64 keys][KW] rebuilt from the resident raw K when the
 //              plan block changes (lanes = keys: conflict-free gathers);
@@ -155,7 +156,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
     if (tid == 0) {
         for (int s = 0; s < S; ++s) {
             mbar_init(bar_full + 8 * s, 128);
-            mbar_init(bar_empty + 8 * s, 8);
+            mbar_init(bar_empty + 8 * s, 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -216,12 +217,6 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
         };
         for (int it = 0; it < n_items; ++it) {
             const int s = it % S;
-            if (it >= 1) {
-                // Item it-1 has landed: hand it to the consumers.
-                cp_async_wait_all();
-                fence_proxy_async();
-                mbar_arrive(bar_full + 8 * ((it - 1) % S));
-            }
             if (it >= S) mbar_wait(bar_empty + 8 * s, ((it / S) + 1) & 1);
             // The thread's copy offsets are recomputed per item from an opaque
             // copy of its index: hoisted out of the loop, they do not fit the
@@ -229,11 +224,10 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
             int lt_item;
             asm volatile("mov.u32 %0, %1;\n" : "=r"(lt_item) : "r"(lt));
             load_item(it, s, lt_item);
-            cp_async_commit();
+            // Item it reaches the consumers when this thread's copies have
+            // landed (each of the 128 producer threads arrives once per item).
+            cp_async_mbar_arrive_noinc(bar_full + 8 * s);
         }
-        cp_async_wait_all();
-        fence_proxy_async();
-        mbar_arrive(bar_full + 8 * ((n_items - 1) % S));
     } else {
         // ================= consumers =================
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::kConsumerRegs));
@@ -263,6 +257,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
             const float* s_lse = reinterpret_cast<const float*>(small);
             const float* s_delta = s_lse + BM;
             mbar_wait(bar_full + 8 * s, (it / S) & 1);
+            fence_proxy_async();   // the producer's cp.async writes before this warpgroup's wgmma reads
 
             if constexpr (Tr::kFused) {
                 // Khat of this (head, plan block), unless it is there. The
@@ -401,11 +396,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 }
             };
             // The stage's operands (Q, dO) and small parts are read: release it
-            // (__syncwarp orders the other lanes' reads before lane 0's arrival).
-            auto release = [&]() {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(bar_empty + 8 * s);
-            };
+            // (every consumer thread arrives for its own reads).
+            auto release = [&]() { mbar_arrive(bar_empty + 8 * s); };
             {
                 float acc_q[32];
                 wgmma_fence();
