@@ -72,6 +72,20 @@ fn units() -> Vec<Unit> {
             });
         }
     }
+    // The Hopper backward main kernel (kernels/hbwd.cu): a real body only in the sm_90a image.
+    for dtype in DTYPES {
+        for d in HOPPER_HEAD_DIMS {
+            v.push(Unit {
+                name: format!("hbwd_{dtype}_d{d}"),
+                source: "hbwd.cu",
+                defines: vec![
+                    format!("DA_DTYPE={dtype}"),
+                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+                    format!("DA_HEAD_DIM={d}"),
+                ],
+            });
+        }
+    }
     // Similarity/key-weighted plans: one unit per (dtype, head_dim).
     for dtype in DTYPES {
         for d in HEAD_DIMS {
@@ -155,6 +169,9 @@ fn main() {
         "fwd.cu",
         "hfwd.cu",
         "bwd.cu",
+        "bwd_params.cuh",
+        "hbwd.cu",
+        "hopper.cuh",
         "wgmma_ops.cuh",
         "simplan.cu",
     ] {

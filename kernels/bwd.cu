@@ -50,68 +50,7 @@
 #error "define DA_DTYPE (f16 or bf16)"
 #endif
 
-// KV entries and query heads one backward launch can address (per-head G).
-#define DA_BWD_KV_MAX 64
-#define DA_BWD_QLIST_MAX 256
-
-// Parameters of da_bwd (mirrored by cuda-driver/src/backward.rs). Strides in elements.
-struct BwdParams {
-    const void* q;        // [batch, q_len, q_heads, d], input type
-    const void* k;        // [batch, kv_len, kv_heads, d]
-    const void* v;        // [batch, kv_len, kv_heads, d]
-    const void* d_out;    // [batch, q_len, q_heads, d], input type
-    const void* qhat;     // [batch][q_heads][q_len][d]: Qhat rows (KW columns), G > 1
-    const void* qtil;     // [batch][q_heads][q_len][d]: Qtilde rows, G > 1
-    const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when G = 1
-    const float* lse;     // dense [batch, q_heads, q_len], natural log
-    const float* delta;   // dense [batch, q_heads, q_len]
-    float* dq_acc;        // [batch][q_heads][q_len][d], the first d/G columns used
-    void* dk;             // [batch, kv_len, kv_heads, d], f32 or the input type
-    void* dv;
-    long long q_batch_stride, q_row_stride, q_head_stride;
-    long long k_batch_stride, k_row_stride, k_head_stride;
-    long long v_batch_stride, v_row_stride, v_head_stride;
-    long long do_batch_stride, do_row_stride, do_head_stride;
-    long long dk_batch_stride, dk_row_stride, dk_head_stride;
-    long long dv_batch_stride, dv_row_stride, dv_head_stride;
-    int q_len, kv_len, q_heads, heads_per_kv, num_blocks, block_rows, batch_offset;
-    float scale_log2;     // softmax scale * log2(e)
-    float scale;
-    int causal, dk_f32, dv_f32;
-    // 0: blockIdx.y is the KV head, its query heads are hk*heads_per_kv + 0..heads_per_kv,
-    // dK/dV are overwritten. Otherwise entry e = blockIdx.y: KV head kv_head[e], query
-    // heads q_list[kv_first[e] .. + kv_count[e]], dK/dV added to (kv_accum[e] != 0).
-    int kv_map_len;
-    int sample;           // Fusion::Sample (else Mean)
-    uint16_t kv_head[DA_BWD_KV_MAX], kv_first[DA_BWD_KV_MAX], kv_count[DA_BWD_KV_MAX], kv_accum[DA_BWD_KV_MAX];
-    uint16_t q_list[DA_BWD_QLIST_MAX];
-};
-
-// Parameters of da_bwd_prep and da_bwd_dq. Strides in elements.
-struct BwdRowParams {
-    const void* q;        // [batch, q_len, q_heads, d], input type (read when group > 1)
-    void* qhat;           // [batch][q_heads][q_len][d] input type: Qhat, first KW columns (group > 1)
-    void* qtil;           // [batch][q_heads][q_len][d] input type: Qtilde (group > 1)
-    const void* o;        // [batch, q_len, q_heads, d], f32 or the input type
-    const void* d_out;    // same shape, f32 or the input type
-    void* do_conv;        // dense [batch][q_heads][q_len][d] input type, written when do_f32
-    float* delta;         // dense [batch, q_heads, q_len]
-    float* dq_acc;        // [batch][q_heads][q_len][d]
-    const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when group == 1
-    void* dq;             // [batch, q_len, q_heads, d], f32 or the input type
-    long long q_batch_stride, q_row_stride, q_head_stride;
-    long long o_batch_stride, o_row_stride, o_head_stride;
-    long long do_batch_stride, do_row_stride, do_head_stride;
-    long long dq_batch_stride, dq_row_stride, dq_head_stride;
-    int q_len, q_heads, group, num_blocks, block_rows, batch_offset;
-    int o_f32, do_f32, dq_f32, sample, head_map_len;
-    float scale;
-    // blockIdx.y -> query head; identity when head_map_len == 0.
-    uint16_t head_map[DA_HEAD_MAP_MAX];
-};
-
-static_assert(sizeof(BwdParams) == 1320, "BwdParams layout (cuda-driver/src/backward.rs)");
-static_assert(sizeof(BwdRowParams) == 736, "BwdRowParams layout (cuda-driver/src/backward.rs)");
+#include "bwd_params.cuh"
 
 namespace da {
 
@@ -168,33 +107,6 @@ struct BwdTraits {
     static_assert(NQ % 16 == 0 || kDqN == 1, "dQhat column split");
     static_assert(kSmem <= 227 * 1024, "shared memory");
 };
-
-// Sum of a group's K values for one key, rounded once to T: the same
-// rounding as fwd.cu's group_sum (so P here is the forward's P).
-template <typename T, int G>
-__device__ __forceinline__ T khat_sum(const T (&e)[G]) {
-    if constexpr (G == 2) {
-        return __hadd(e[0], e[1]);
-    } else {
-        float f[G];
-#pragma unroll
-        for (int i = 0; i < G; ++i) f[i] = Num<T>::to_float(e[i]);
-#pragma unroll
-        for (int w = 1; w < G; w *= 2)
-#pragma unroll
-            for (int i = 0; i < G; i += 2 * w) f[i] += f[i + w];
-        return Num<T>::from_float(f[0]);
-    }
-}
-
-__device__ __forceinline__ void red_add2(float* addr, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float2*>(addr), make_float2(a, b));
-#else
-    atomicAdd(addr, a);
-    atomicAdd(addr + 1, b);
-#endif
-}
 
 template <typename T, int D, int G>
 __device__ __forceinline__ void bwd_body(const BwdParams& p) {

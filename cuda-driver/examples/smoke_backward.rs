@@ -54,6 +54,9 @@ fn main() {
         (129, 40, 3, 1, 32, 64, 8, true, Fusion::Mean, false),
         (65, 130, 2, 1, 128, 128, 1, false, Fusion::Mean, true),
         (90, 90, 4, 2, 64, 64, 0, true, Fusion::Mean, false),
+        // Hopper main kernel (sm_90): D = 128 with G = 2, tails, GQA, 64-row plan blocks.
+        (150, 200, 4, 2, 128, 64, 2, true, Fusion::Mean, false),
+        (70, 130, 2, 1, 128, 128, 2, false, Fusion::Sample, true),
     ];
     for (n, m, hq, hkv, d, block_rows, g, causal, fusion, do_f32) in cases {
         let (ql, kl) = (Layout::contiguous(1, n, hq, d), Layout::contiguous(1, m, hkv, d));

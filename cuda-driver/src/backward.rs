@@ -8,7 +8,11 @@
 //! head: dK and dV in registers, summed over the query heads that share the
 //! KV head; dQ̂ added atomically to an f32 accumulator), and a row pass that
 //! spreads dQ̂ to dQ through the fusion. The accumulators and Delta live in a
-//! caller-provided workspace ([`backward_workspace_len`] f32 elements).
+//! caller-provided workspace ([`backward_workspace_len`] f32 elements). On
+//! compute capability 9.0 the main kernel is the Hopper one (`kernels/hbwd.cu`:
+//! wgmma, a producer warpgroup and two consumer warpgroups) for head_dim 64
+//! with G = 1 and head_dim 128 with G in {1, 2}; elsewhere (and with
+//! `DISTR_ATTENTION_KERNEL=mma`) bwd.cu's mma.sync kernel.
 //!
 //! dQ sums f32 atomic adds whose order varies between runs, so dQ is not
 //! bit-reproducible (as in FlashAttention-2); dK and dV are.
@@ -39,6 +43,14 @@ const KEYS_PER_CTA: usize = 128;
 const BWD_THREADS: u32 = 256;
 const ROWS_PER_CTA: usize = 64;
 const ROW_THREADS: u32 = 128;
+/// Threads of the Hopper main kernel's CTA (`kernels/hbwd.cu`: a producer and two consumer warpgroups).
+const HOPPER_BWD_THREADS: u32 = 384;
+
+/// Whether the Hopper main kernel (`kernels/hbwd.cu`) serves head_dim `d`
+/// with group size `g` (else bwd.cu's mma.sync kernel runs).
+fn hopper_backward(d: usize, g: usize) -> bool {
+    matches!((d, g), (64, 1) | (128, 1) | (128, 2))
+}
 
 /// `BwdParams` of `kernels/bwd.cu`.
 #[repr(C)]
@@ -480,6 +492,10 @@ impl Engine {
             .find(|m| m.name == format!("bwd_{dtype}_d{d}"))
             .map(|m| m.name)
             .expect("validated head_dim has a module");
+        let hopper_module: &'static str = crate::engine::MODULES
+            .iter()
+            .find(|m| m.name == format!("hbwd_{dtype}_d{d}"))
+            .map_or("", |m| m.name);
         let parts = workspace_parts(cfg, &p, fwd.d_out.dtype)?;
         let ws = workspace.ptr;
         let at = |off: usize| ws + 4 * off as u64;
@@ -640,7 +656,12 @@ impl Engine {
             .map_err(|_| Error::from(CoreError::SizeOverflow { operand: Operand::K }))?;
         let mut written = vec![false; p.kv_heads];
         for (&g, heads) in &by_g {
-            let f = self.loaded.function(module, &format!("da_bwd_{dtype}_d{d}_g{g}"), true)?;
+            let (f, threads) = if self.wgmma() && hopper_backward(d, g) {
+                let name = format!("da_hbwd_{dtype}_d{d}_g{g}");
+                (self.loaded.function(hopper_module, &name, true)?, HOPPER_BWD_THREADS)
+            } else {
+                (self.loaded.function(module, &format!("da_bwd_{dtype}_d{d}_g{g}"), true)?, BWD_THREADS)
+            };
             let launches: Vec<Option<KvLaunch>> = if heads.len() == p.q_heads && p.kv_heads <= GRID_YZ_MAX {
                 vec![None]
             } else {
@@ -668,7 +689,7 @@ impl Engine {
                 while b0 < p.batch {
                     let nb = (p.batch - b0).min(GRID_YZ_MAX);
                     params.batch_offset = b0 as i32;
-                    self.launch_block(f, (grid_x, grid_y as u32, nb as u32), BWD_THREADS, &params, stream)?;
+                    self.launch_block(f, (grid_x, grid_y as u32, nb as u32), threads, &params, stream)?;
                     b0 += nb;
                 }
             }
