@@ -6,9 +6,11 @@
 # capability 9.0 the tests run twice: with the Hopper (wgmma) kernel where it
 # applies, and with DISTR_ATTENTION_KERNEL=mma (the mma.sync kernel only).
 #
-#   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [backward] [similarity] [abi] [bench] [quick]
+#   bash cuda-driver/bench/device_run.sh [tests] [sanitizer] [backward] [similarity] [abi] [bench] [bwdbench] [quick]
 #
-# backward: tests/gpu_backward.rs and memcheck of examples/smoke_backward.rs;
+# backward: tests/gpu_backward.rs and the four compute-sanitizer tools on
+# examples/smoke_backward.rs; bwdbench: `bench --backward` (training steps)
+# with sdpa_peer.py --backward;
 # similarity: tests/gpu_similarity.rs; abi: the C library's CUDA entry points
 # (Python tests on CUDA tensors, the C example and status test, memcheck of
 # the example). The logs are packed into $OUT/logs.tgz at the end (the device
@@ -52,8 +54,12 @@ if [[ $what == *backward* ]]; then
     echo "== backward tests"
     $t /tmp/devbin/gpu_backward --nocapture --test-threads 4 > "$out/gpu_backward.log" 2>&1 || status=1
     grep -E "test result|panicked" "$out/gpu_backward.log"; grep -q "test result: ok" "$out/gpu_backward.log" || status=1
-    $t compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/devbin/smoke_backward > "$out/sanitizer_memcheck_backward.log" 2>&1
-    rc=$?; echo "memcheck (backward): exit $rc"; [ $rc -eq 0 ] || status=1
+    for tool in memcheck racecheck synccheck initcheck; do
+        $t compute-sanitizer --tool "$tool" --error-exitcode 9 /tmp/devbin/smoke_backward > "$out/sanitizer_${tool}_backward.log" 2>&1
+        rc=$?
+        echo "$tool (backward): exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_backward.log" | tail -n1)"
+        [ $rc -eq 0 ] || status=1
+    done
 fi
 if [[ $what == *similarity* ]]; then
     echo "== similarity plan tests"
@@ -71,11 +77,18 @@ if [[ $what == *abi* ]]; then
     $t compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/devbin/cuda_example 2 > "$out/sanitizer_memcheck_abi.log" 2>&1
     rc=$?; echo "memcheck (C example): exit $rc"; [ $rc -eq 0 ] || status=1
 fi
-if [[ $what == *bench* ]]; then
+if [[ " $what " == *" bench "* ]]; then
     echo "== benchmark"
     q=""; [[ $what == *quick* ]] && q="--quick"
     $t /tmp/devbin/bench --json "$out/ours.json" $q 2>&1 | tee "$out/bench.log" || status=1
     python3 "$peer" --ours "$out/ours.json" $q 2>&1 | tee "$out/peer.log" || status=1
+fi
+if [[ $what == *bwdbench* ]]; then
+    echo "== training-step benchmark (forward + backward)"
+    q=""; [[ $what == *quick* ]] && q="--quick"
+    $t /tmp/devbin/bench --backward --json "$out/ours_bwd.json" $q > "$out/bwd_bench.log" 2>&1 || status=1
+    python3 "$peer" --backward --ours "$out/ours_bwd.json" $q > "$out/bwd_peer.log" 2>&1 || status=1
+    grep -v '^{' "$out/bwd_peer.log" | tail -n 14
 fi
 (cd "$out" && tar czf /tmp/logs.tgz --exclude logs.tgz . && mv /tmp/logs.tgz . \
     && find . -type f ! -name logs.tgz ! -name ours.json -delete)
