@@ -284,8 +284,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
         auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
         auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
-        // Producer thread 0 issues every copy (TMA); it fences first, since the
-        // buffer was last read through the generic proxy (ldmatrix, raw Q).
+        // Producer thread 0 issues every copy (TMA); before V's it fences, since
+        // the stage was last read through the generic proxy (raw Q, D = 128;
+        // the raw-K buffers are read by wgmma only).
         const bool leader = lt == 0;
 
         if constexpr (Tr::kFused) {
@@ -363,7 +364,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                 load_kraw(1);
             }
             constexpr bool kProf = kAblate & 16;
-            HClock<kProf> c_all, c_kraw, c_xpose, c_empty, c_fuse;
+            HClock<kProf> c_all, c_kraw, c_gemm, c_empty, c_store;
             c_all.start();
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % S;
@@ -372,11 +373,11 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     c_kraw.start();
                     mbar_wait(bar_kraw + 8 * half, j & 1);
                     c_kraw.stop();
-                    c_xpose.start();
+                    c_gemm.start();
                     float acc[KW / 2];
                     if constexpr (!(kAblate & 1)) kgemm(acc, half);
                     named_bar(1, 128);
-                    c_xpose.stop();
+                    c_gemm.stop();
                     if (leader && j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
                     if (half == 0) {
                         c_empty.start();
@@ -390,9 +391,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                             tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
                         }
                     }
-                    c_fuse.start();
+                    c_store.start();
                     if constexpr (!(kAblate & 1)) store_khat(acc, half, s);
-                    c_fuse.stop();
+                    c_store.stop();
                 }
                 fence_proxy_async();
                 mbar_arrive(bar_full + 8 * s);
@@ -400,9 +401,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
             c_all.stop();
             c_all.flush(0, lt == 0);
             c_kraw.flush(1, lt == 0);
-            c_xpose.flush(2, lt == 0);
+            c_gemm.flush(2, lt == 0);
             c_empty.flush(3, lt == 0);
-            c_fuse.flush(4, lt == 0);
+            c_store.flush(4, lt == 0);
             HClock<kProf> tiles;
             tiles.acc = n_tiles;
             tiles.flush(7, lt == 0);
