@@ -6,7 +6,7 @@ accumulator count makes them too long to write by hand).
     python3 kernels/gen_wgmma.py > kernels/wgmma_ops.cuh
 """
 
-SHAPES = [64, 128]
+SHAPES = [16, 32, 64, 128]
 TYPES = [("bf16", "true"), ("f16", "false")]
 
 

@@ -8,11 +8,10 @@
 //   warpgroup 0, producer: its thread 0 loads K and V tiles (BN = 128 keys)
 //       by TMA (descriptors from the engine: HTmaMaps, common.cuh); G = 1: K
 //       lands straight in the wgmma layout; G > 1: raw K lands, in half tiles
-//       of 64 keys prefetched two ahead, in the same swizzled layout, the
-//       warpgroup transposes it into K^T (ldmatrix + stmatrix.trans) and builds
-//       Khat^T[t][n] = sum of the group's K^T rows, 8 keys per 16-byte load
-//       (f32, rounded once to T; G = 2 with T's own add, which is the same
-//       single rounding), into an MN-major operand.
+//       of 64 keys prefetched two ahead, in the same swizzled layout, and the
+//       warpgroup computes Khat = K F on the tensor cores (F: the plan's D x d/G
+//       0/1 fusion matrix, built once per CTA), rounds the f32 sums once to T
+//       and stores Khat K-major (stmatrix), the layout of Qhat.
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
 //       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
 //       operands in shared memory), mask, online softmax (f32, base 2),
@@ -30,9 +29,9 @@
 //   swizzle of 64 x 64 boxes; Q by cp.async, whole 128-byte rows per warp).
 //     K-major (Q, K): start + 32 bytes per k-step of 16, next region per 4
 //       k-steps; SBO = 1024 (8 rows), swizzle mode 1.
-//     MN-major (V, Khat^T; the reduction dim is the row): start + 2048 bytes
-//       per 16 rows; LBO = region size (next 64 columns), SBO = 1024.
-//   Qhat (written by threads) uses the no-swizzle K-major layout:
+//     MN-major (V; the reduction dim is the row): start + 2048 bytes per 16
+//       rows; LBO = region size (next 64 columns), SBO = 1024.
+//   Qhat, Khat and F^T (written by threads) use the no-swizzle K-major layout:
 //       (c/8)*128 + (r/8)*SBO + (r%8)*16 + (c%8)*2,  LBO = 128, SBO = 16*C
 #include <type_traits>
 
@@ -70,17 +69,17 @@ struct HTraits {
     static constexpr int kOffBar = 0;                 // full[S], empty[S], kraw_full[2]
     static constexpr int kOffZero = 248;              // a u32 0 (pins the consumers' wait, see there)
     static constexpr int kOffOff = 256;               // sigma as byte offsets into a raw Q row, D x u32
-    static constexpr int kOffKTOff = kOffOff + 4 * D; // sigma as K^T row offsets (with swizzle), D x u16
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
     // G > 1 only: two raw-K half tiles (64 keys, 128-byte swizzle as G = 1's K)
-    // and two K^T half tiles (one 128-byte row of 64 keys per column of K,
-    // chunks XOR-swizzled by column % 8).
+    // and the fusion matrix F^T (KW x D, K-major, no swizzle; F[c][t] = 1 for
+    // the columns c of group t, rows t >= d/G zero).
     static constexpr int kHalfBytes = HN * D * 2;
+    static constexpr int kFBytes = KW * D * 2;
     static constexpr int kOffKraw = kOffQ + BM * KC * 2;
-    static constexpr int kOffKT = kOffKraw + (kFused ? 2 * kHalfBytes : 0);
-    static constexpr int kOffStage = kOffKT + (kFused ? 2 * kHalfBytes : 0);
+    static constexpr int kOffF = kOffKraw + (kFused ? 2 * kHalfBytes : 0);
+    static constexpr int kOffStage = kOffF + (kFused ? kFBytes : 0);
     // Stages of (K or Khat, V): as many as fit, at most 4 (3 at D = 128 for
-    // G = 1, 2, 4).
+    // G = 1, 2).
     static constexpr int kFit = (227 * 1024 - kOffStage) / kStageBytes;
     static constexpr int S = kFit < 4 ? kFit : 4;
     // G > 1: raw Q (read once, by the consumers' Qhat build) follows the
@@ -92,13 +91,15 @@ struct HTraits {
     static constexpr int kSmem = kOffStage + S * kStageBytes + (kFused && !kQrawAlias ? kQrawBytes : 0);
     static_assert(S >= 3 && kSmem <= 227 * 1024, "shared memory");
     static_assert(!kQrawAlias || (kQrawBytes <= kStageBytes && KW == DG), "raw Q fits in a stage with no Khat pad");
-    static_assert(kOffKTOff + 2 * D <= kOffQ && 8 * (2 * S + 2) <= kOffZero, "barriers and tables");
-    static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0 && kHalfBytes % 1024 == 0,
+    static_assert(kOffOff + 4 * D <= kOffQ && 8 * (2 * S + 2) <= kOffZero, "barriers and tables");
+    static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0 && kHalfBytes % 1024 == 0 &&
+                      kFBytes % 1024 == 0,
                   "swizzle atoms");
-    static_assert(DG % 8 == 0, "Khat is written in 8-column blocks");
     // setmaxnreg: consumers grow only by what the producer released in this
-    // CTA (launch cap 168): 128 * (168 - 56) = 256 * (224 - 168).
-    static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+    // CTA (launch cap 168): 128 * (168 - 56) = 256 * (224 - 168). The K GEMM's
+    // 32 accumulators (KW = 64) need more in the producer: 72 / 216.
+    static constexpr int kProducerRegs = KW == 64 && kFused ? 72 : 56;
+    static constexpr int kConsumerRegs = KW == 64 && kFused ? 216 : 224;
     static_assert(128 * (168 - kProducerRegs) >= 256 * (kConsumerRegs - 168), "register pool");
 };
 
@@ -122,7 +123,7 @@ struct HClock {
 };
 
 // kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
-// bit 0 the producer skips the transpose and Khat (Khat stale), bit 1 it skips
+// bit 0 the producer skips the K GEMM and Khat (Khat stale), bit 1 it skips
 // the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 4
 // cycle counters of producer thread 0 and consumer thread 128 into hprof
 // (bit 3, the consumers taking turns for P_j V_j .. S_{j+1} with named
@@ -138,7 +139,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
     const uint32_t sbase = smem_addr(smem);
     const uint32_t bar_full = sbase + Tr::kOffBar, bar_empty = bar_full + 8 * S, bar_kraw = bar_empty + 8 * S;
     uint32_t* s_off = reinterpret_cast<uint32_t*>(smem + Tr::kOffOff);
-    uint16_t* s_ktoff = reinterpret_cast<uint16_t*>(smem + Tr::kOffKTOff);
 
     const int tid = threadIdx.x;
     const int wg = tid / 128, lt = tid % 128;
@@ -172,8 +172,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         for (int j = tid; j < D; j += kHThreads) {
             const int c = min((int)perm[j], D - 1);
             s_off[j] = 2 * c;
-            s_ktoff[j] = (uint16_t)(c * 128 + ((c % 8) << 4));
         }
+        // F^T zeroed here, its ones set by the producer after the barrier.
+        for (int i = tid; i < Tr::kFBytes / 16; i += kHThreads) st_shared_v4(sbase + Tr::kOffF + 16 * i, 0, 0, 0, 0);
     }
     __syncthreads();
 
@@ -182,179 +183,87 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
         auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
         auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
-        // Producer thread 0 issues every copy (TMA); it fences first, since the
-        // buffer was last read through the generic proxy (ldmatrix, raw Q).
+        // Producer thread 0 issues every copy (TMA); before V's it fences, since
+        // the stage was last read through the generic proxy (raw Q, D = 128;
+        // the raw-K buffers are read by wgmma only).
         const bool leader = lt == 0;
 
         if constexpr (Tr::kFused) {
-            // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; buffers i):
-            // raw K (128-byte swizzle, as G = 1's K) -> K^T (one 128-byte row
-            // of 64 keys per column of K; ldmatrix + stmatrix.trans,
-            // conflict-free both ways) -> Khat^T[t][n] = sum of K^T's rows of
-            // group t, 8 keys per 16-byte load, into region i of the stage's
-            // MN-major 128-byte-swizzle B operand (row t at t*128).
-            const uint32_t kraw = sbase + Tr::kOffKraw, kt = sbase + Tr::kOffKT;
+            // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; raw buffer i):
+            // Khat = K F on the tensor cores (wgmma m64nKWk16, A = the raw K
+            // half tile as TMA lands it, K-major 128-byte swizzle like G = 1's
+            // K; B = F^T, K-major), the f32 accumulators (exact sums of the
+            // group's G values, zeros elsewhere) rounded once to T and stored
+            // by stmatrix as rows i*64.. of the stage's K-major Khat tile (no
+            // swizzle, the layout of Qhat), which the consumers read as G = 1
+            // reads K.
+            const uint32_t kraw = sbase + Tr::kOffKraw, fmat = sbase + Tr::kOffF;
             auto load_kraw = [&](int half) {   // leader only
                 const uint32_t bar = bar_kraw + 8 * (half & 1);
                 if constexpr (kAblate & 2) {
                     mbar_arrive(bar);
                 } else {
-                    fence_proxy_async();
                     mbar_arrive_expect_tx(bar, Tr::kHalfBytes);
                     tma_tile<D, HN>(kraw + (half & 1) * Tr::kHalfBytes, maps.k, half * HN, hk, b, bar);
                 }
             };
-            // Warp tw, step i: the 8x8 blocks of keys a*8.. (a = 2 tw + i / (D/32))
-            // and columns c*8.. (c = (i % (D/32)) * 4 + m), lane = (m, r): row r
-            // of matrix m. Addresses = per-lane base + a compile-time offset.
-            // Source swizzle ((c % 8) ^ r) = (m ^ r) ^ (4 * ((i % (D/32)) % 2));
-            // destination row c*8 + r, chunk a ^ r (r = column % 8).
-            const int tw = lt / 32, tm = (lt % 32) / 8, tr = lt % 8;
-            const uint32_t ld_base0 = kraw + (tw * 16 + tr) * 128 + ((tm ^ tr) << 4);
-            const uint32_t ld_base1 = kraw + (tw * 16 + tr) * 128 + ((tm ^ tr ^ 4) << 4);
-            const uint32_t st_base0 = kt + (tm * 8 + tr) * 128 + (((2 * tw) ^ tr) << 4);
-            const uint32_t st_base1 = kt + (tm * 8 + tr) * 128 + (((2 * tw + 1) ^ tr) << 4);
-            // Four ldmatrix before their four stmatrix (no "memory" clobber:
-            // the asm statements keep their order, the barriers around the
-            // transpose order it against the fuse), so the loads overlap.
-            auto transpose = [&](int half) {
-                constexpr int kCB = D / 32, kBatch = 4;   // kCB: ldmatrix.x4 per key block
-                static_assert(2 * kCB % kBatch == 0, "transpose batches");
-#pragma unroll
-                for (int i0 = 0; i0 < 2 * kCB; i0 += kBatch) {
-                    uint32_t x[kBatch][4];
-#pragma unroll
-                    for (int u = 0; u < kBatch; ++u) {
-                        const int ci = (i0 + u) % kCB, ai = (i0 + u) / kCB;
-                        const uint32_t src = ((ci % 2) ? ld_base1 : ld_base0) + half * Tr::kHalfBytes + ai * 1024 +
-                                             (ci / 2) * (HN * 128);
-                        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                                     : "=r"(x[u][0]), "=r"(x[u][1]), "=r"(x[u][2]), "=r"(x[u][3])
-                                     : "r"(src));
-                    }
-#pragma unroll
-                    for (int u = 0; u < kBatch; ++u) {
-                        const int ci = (i0 + u) % kCB, ai = (i0 + u) / kCB;
-                        const uint32_t dst = (ai ? st_base1 : st_base0) + half * Tr::kHalfBytes + ci * 32 * 128;
-                        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                                         dst),
-                                     "r"(x[u][0]), "r"(x[u][1]), "r"(x[u][2]), "r"(x[u][3]));
-                    }
+            {
+                // F^T[t][c] = 1 for the D plan entries (t = j / G, c = sigma(j)).
+                const T one = Nm::from_float(1.f);
+                for (int j = lt; j < D; j += 128) {
+                    const int c = (int)(s_off[j] / 2), t = j / G;
+                    *reinterpret_cast<T*>(smem + Tr::kOffF + (c / 8) * 128 + (t / 8) * (16 * D) + (t % 8) * 16 +
+                                          (c % 8) * 2) = one;
                 }
-            };
-            // Thread lt builds key chunk q = lt % 8 (keys 8q..8q+7 of the half)
-            // of rows t = it * 16 + lt / 8. Its K^T offsets (row of sigma(t*G+i),
-            // chunk q swizzled) are the same for every half tile: two per
-            // register, computed once. Plain loads and stores (no asm), so
-            // ptxas overlaps the iterations' loads.
-            constexpr int kItems = DG * (HN / 8), kGIt = (kItems + 127) / 128, kOffs = kGIt * G;
-            const int q = lt % 8;
-            uint32_t koff[(kOffs + 1) / 2];
-#pragma unroll
-            for (int k = 0; k < (kOffs + 1) / 2; ++k) koff[k] = 0;
-#pragma unroll
-            for (int k = 0; k < kOffs; ++k) {
-                const int t = (k / G) * 16 + lt / 8;
-                const uint32_t o = t < DG ? ((uint32_t)s_ktoff[t * G + k % G] ^ (uint32_t)(q << 4)) : 0u;
-                koff[k / 2] |= o << (16 * (k % 2));
+                fence_proxy_async();
+                named_bar(1, 128);
             }
-            // G = 2: the loads of two rows are issued before their adds (the
-            // compiler cannot move loads of K^T above stores into the stage;
-            // four rows at once spill at D = 128).
-            constexpr int kB2 = kGIt < 2 ? kGIt : 2;
-            auto fuse = [&](int half, int s) {
-                const unsigned char* src = smem + Tr::kOffKT + half * Tr::kHalfBytes;
-                unsigned char* dst = smem + Tr::kOffStage + s * Tr::kStageBytes + half * (Tr::KW * 128);
-                auto load = [&](int k) {
-                    return *reinterpret_cast<const uint4*>(src + ((koff[k / 2] >> (16 * (k % 2))) & 0xFFFFu));
-                };
-                auto store = [&](int it, const uint32_t (&o)[4]) {
-                    const int t = it * 16 + lt / 8;
-                    *reinterpret_cast<uint4*>(dst + t * 128 + ((q ^ (t % 8)) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
-                };
-                if constexpr (G == 2) {
-                    // T's own add of pairs: the same single rounding as fwd.cu's group_sum.
-                    using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+            constexpr int KW = Tr::KW;
+            const uint64_t desc_f = make_desc(fmat, 128, 16 * D);
+            auto kgemm = [&](float (&acc)[KW / 2], int half) {
+                const uint64_t desc_k = make_desc(kraw + half * Tr::kHalfBytes, 16, 1024, 1);
+                wgmma_fence();
 #pragma unroll
-                    for (int it0 = 0; it0 < kGIt; it0 += kB2) {
-                        if (kItems % 128 != 0 && it0 * 16 + lt / 8 >= DG) break;
-                        uint4 e[kB2][2];
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const uint64_t da_ = desc_k + (((kk / 4) * (HN * 128) + (kk % 4) * 32) >> 4);
+                    const uint64_t db_ = desc_f + ((kk * 256) >> 4);
+                    if (kk == 0) Wgmma<KW, kBf16>::ss_first(acc, da_, db_);
+                    else Wgmma<KW, kBf16>::ss(acc, da_, db_, 1);
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(acc);
+            };
+            // Thread (warp w, lane l) holds rows 16w + l/4 + 8r, columns 8nt + 2(l%4) + e
+            // of the half tile's Khat (acc[4nt + 2r + e]); stmatrix.x4 writes the
+            // 8x8 blocks (r, nt), (r, nt + 1) for r = 0, 1; lane l addresses row
+            // l % 8 of block l / 8.
+            const int warp = lt / 32, lane = lt % 32;
+            const uint32_t st_off = (uint32_t)((lane / 16) * 128 + (2 * warp + (lane / 8) % 2) * (16 * KW) + (lane % 8) * 16);
+            auto store_khat = [&](const float (&acc)[KW / 2], int half, int s) {
+                const uint32_t dst = stage_k(s) + half * (8 * 16 * KW) + st_off;
 #pragma unroll
-                        for (int u = 0; u < kB2; ++u) {
-                            e[u][0] = load((it0 + u) * 2);
-                            e[u][1] = load((it0 + u) * 2 + 1);
-                        }
-#pragma unroll
-                        for (int u = 0; u < kB2; ++u) {
-                            const uint32_t* x = reinterpret_cast<const uint32_t*>(&e[u][0]);
-                            const uint32_t* y = reinterpret_cast<const uint32_t*>(&e[u][1]);
-                            uint32_t o[4];
-#pragma unroll
-                            for (int w = 0; w < 4; ++w) {
-                                T2 a2 = *reinterpret_cast<const T2*>(x + w), b2 = *reinterpret_cast<const T2*>(y + w);
-                                T2 c2 = __hadd2(a2, b2);
-                                o[w] = *reinterpret_cast<const uint32_t*>(&c2);
-                            }
-                            store(it0 + u, o);
-                        }
-                    }
-                } else {
-#pragma unroll
-                    for (int it = 0; it < kGIt; ++it) {
-                        if (kItems % 128 != 0 && it * 16 + lt / 8 >= DG) break;
-                        // fwd.cu's group_sum: a pairwise f32 tree rounded once to T,
-                        // four members at a time (G = 8: the tree's two halves, summed last).
-                        float part[8];
-#pragma unroll
-                        for (int g4 = 0; g4 < G / 4; ++g4) {
-                            uint4 e[4];
-#pragma unroll
-                            for (int i = 0; i < 4; ++i) e[i] = load(it * G + g4 * 4 + i);
-#pragma unroll
-                            for (int el = 0; el < 8; ++el) {
-                                float f[4];
-#pragma unroll
-                                for (int i = 0; i < 4; ++i) {
-                                    const uint32_t word = reinterpret_cast<const uint32_t*>(&e[i])[el / 2];
-                                    const uint16_t bits = (uint16_t)(word >> (16 * (el % 2)));
-                                    f[i] = Nm::to_float(*reinterpret_cast<const T*>(&bits));
-                                }
-                                const float x = (f[0] + f[1]) + (f[2] + f[3]);
-                                part[el] = g4 == 0 ? x : part[el] + x;
-                            }
-                        }
-                        uint32_t o[4];
-#pragma unroll
-                        for (int w = 0; w < 4; ++w) {
-                            const T lo = Nm::from_float(part[2 * w]), hi = Nm::from_float(part[2 * w + 1]);
-                            o[w] = pack_raw(*reinterpret_cast<const uint16_t*>(&lo), *reinterpret_cast<const uint16_t*>(&hi));
-                        }
-                        store(it, o);
-                    }
+                for (int nt = 0; nt < KW / 8; nt += 2) {
+                    const uint32_t r0 = Nm::pack(acc[4 * nt], acc[4 * nt + 1]);
+                    const uint32_t r1 = Nm::pack(acc[4 * nt + 2], acc[4 * nt + 3]);
+                    const uint32_t r2 = Nm::pack(acc[4 * nt + 4], acc[4 * nt + 5]);
+                    const uint32_t r3 = Nm::pack(acc[4 * nt + 6], acc[4 * nt + 7]);
+                    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + nt * 128),
+                                 "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+                                 : "memory");
                 }
             };
             // Raw K is prefetched two half tiles ahead (its copies tracked by
             // kraw[i]); V_j's copies hold full[s] open by themselves, so the
             // producer never waits for V. Per half tile i of tile j: wait for
-            // raw K, transpose, one barrier (K^T complete; the raw buffer and
-            // the other K^T buffer are free), issue the raw half two ahead,
-            // fuse. The barrier also orders this fuse's K^T reads before the
-            // transpose two half tiles later.
+            // raw K, the K GEMM, one barrier (every warp's wgmma has read the
+            // raw buffer), issue the raw half two ahead, store Khat.
             if (leader && n_tiles > 0) {
                 load_kraw(0);
                 load_kraw(1);
             }
-            // Khat^T rows past d/G (padding to wgmma's k, D = 64, G = 8) stay zero in every stage.
-            if constexpr (Tr::KW > DG) {
-                constexpr int kPadChunks = (Tr::KW - DG) * 8;   // 16-byte chunks per region
-                for (int i = lt; i < S * (BN / 64) * kPadChunks; i += 128) {
-                    const int s = i / ((BN / 64) * kPadChunks), r = i % ((BN / 64) * kPadChunks);
-                    st_shared_v4(stage_k(s) + (r / kPadChunks) * (Tr::KW * 128) + DG * 128 + (r % kPadChunks) * 16,
-                                 0, 0, 0, 0);
-                }
-            }
             constexpr bool kProf = kAblate & 16;
-            HClock<kProf> c_all, c_kraw, c_xpose, c_empty, c_fuse;
+            HClock<kProf> c_all, c_kraw, c_gemm, c_empty, c_store;
             c_all.start();
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % S;
@@ -363,10 +272,11 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     c_kraw.start();
                     mbar_wait(bar_kraw + 8 * half, j & 1);
                     c_kraw.stop();
-                    c_xpose.start();
-                    if constexpr (!(kAblate & 1)) transpose(half);
+                    c_gemm.start();
+                    float acc[KW / 2];
+                    if constexpr (!(kAblate & 1)) kgemm(acc, half);
                     named_bar(1, 128);
-                    c_xpose.stop();
+                    c_gemm.stop();
                     if (leader && j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
                     if (half == 0) {
                         c_empty.start();
@@ -380,9 +290,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                             tma_tile<D, BN>(stage_v(s), maps.v, j * BN, hk, b, bar_full + 8 * s);
                         }
                     }
-                    c_fuse.start();
-                    if constexpr (!(kAblate & 1)) fuse(half, s);
-                    c_fuse.stop();
+                    c_store.start();
+                    if constexpr (!(kAblate & 1)) store_khat(acc, half, s);
+                    c_store.stop();
                 }
                 fence_proxy_async();
                 mbar_arrive(bar_full + 8 * s);
@@ -390,9 +300,9 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
             c_all.stop();
             c_all.flush(0, lt == 0);
             c_kraw.flush(1, lt == 0);
-            c_xpose.flush(2, lt == 0);
+            c_gemm.flush(2, lt == 0);
             c_empty.flush(3, lt == 0);
-            c_fuse.flush(4, lt == 0);
+            c_store.flush(4, lt == 0);
             HClock<kProf> tiles;
             tiles.acc = n_tiles;
             tiles.flush(7, lt == 0);
@@ -481,8 +391,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
             if (Tr::kQrawAlias && n_tiles >= S) named_bar_arrive(4, kHThreads);
         }
 
-        // S operands: G = 1 swizzled Q and K (next region every 4 k-steps),
-        // G > 1 the no-swizzle Qhat and Khat.
+        // S operands (both K-major): G = 1 swizzled Q and K (next region every
+        // 4 k-steps), G > 1 the no-swizzle Qhat and Khat.
         auto desc_a = [&](int kk) {
             if constexpr (Tr::kFused) {
                 return make_desc(q_op + kk * 256, 128, 16 * KC);
@@ -492,8 +402,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         };
         auto desc_b = [&](uint32_t kst, int kk) {
             if constexpr (Tr::kFused) {
-                // Khat^T, MN-major: next 64 keys one region on, next 8 rows of t 1024 bytes on.
-                return make_desc(kst + kk * 2048, Tr::KW * 128, 1024, 1);
+                return make_desc(kst + kk * 256, 128, 16 * KC);
             } else {
                 return make_desc(kst + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024, 1);
             }
@@ -521,13 +430,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         auto issue_s = [&](float (&acc_s)[BN / 2], uint32_t kst) {
 #pragma unroll
             for (int kk = 0; kk < KC / 16; ++kk) {
-                if constexpr (Tr::kFused) {
-                    if (kk == 0) Wgmma<BN, kBf16>::ss_tb_first(acc_s, desc_a(kk), desc_b(kst, kk));
-                    else Wgmma<BN, kBf16>::ss_tb(acc_s, desc_a(kk), desc_b(kst, kk), 1);
-                } else {
-                    if (kk == 0) Wgmma<BN, kBf16>::ss_first(acc_s, desc_a(kk), desc_b(kst, kk));
-                    else Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), 1);
-                }
+                if (kk == 0) Wgmma<BN, kBf16>::ss_first(acc_s, desc_a(kk), desc_b(kst, kk));
+                else Wgmma<BN, kBf16>::ss(acc_s, desc_a(kk), desc_b(kst, kk), 1);
             }
         };
         auto issue_pv = [&](int jj) {

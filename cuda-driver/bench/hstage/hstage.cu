@@ -11,7 +11,7 @@
 //   ./hstage time        # new vs old vs mid per (G, kAblate), interleaved launches; TFLOP/s
 //   ./hstage prof        # new's cycle counters (kAblate bit 4) per tile
 //
-// kAblate (see hfwd_body): bit 0 no transpose/fuse of Khat (stale Khat), bit 1
+// kAblate (see hfwd_body): bit 0 no Khat build (stale Khat), bit 1
 // no raw-K loads, bit 2 no softmax (P = S), bit 4 (new only) cycle counters.
 // Versions ignore bits they lack. Ablated outputs (bits 0-2) are meaningless.
 #include <algorithm>
@@ -182,8 +182,8 @@ static void row_prof(const char* what, int g, int x, const Problem& pr) {
     CK(cudaDeviceSynchronize());
     hs_new::prof(c, false);
     const double tiles = (double)std::max(1ull, c[7]);
-    printf("%-30s D=%d G=%d X=%2d causal=%d  cycles/tile: producer %6.0f (raw-K wait %5.0f, transpose+bar %5.0f, "
-           "empty wait %5.0f, fuse %5.0f) | consumer %6.0f (full wait %5.0f)\n",
+    printf("%-30s D=%d G=%d X=%2d causal=%d  cycles/tile: producer %6.0f (raw-K wait %5.0f, K GEMM+bar %5.0f, "
+           "empty wait %5.0f, Khat store %5.0f) | consumer %6.0f (full wait %5.0f)\n",
            what, D, g, 16 + x, (int)pr.causal, c[0] / tiles, c[1] / tiles, c[2] / tiles, c[3] / tiles, c[4] / tiles,
            c[5] / tiles, c[6] / tiles);
 }
