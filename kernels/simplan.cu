@@ -37,8 +37,11 @@
 //            anti-diagonal, the smallest weight first, then the smallest
 //            column among the entries equal to it); later searches are warp-
 //            wide (lanes over the candidates, free ones from a ballot mask)
-//            for the groups whose choice was matched away, each warp for the
-//            groups it owns (v = warp mod 8): two CTA barriers per round.
+//            for the groups whose choice was matched away: with the whole
+//            matrix dealt round-robin over the warps (the set is known from
+//            the choices alone while the mutual ones are matched), with the
+//            folded one each warp for the groups it owns (v = warp mod 8);
+//            two CTA barriers per round.
 //            Merged groups keep the core's member order and are ordered by
 //            their smallest column.
 //   refine   the core's local search (at most 8 passes; in a pass, pairs of
@@ -52,9 +55,12 @@
 //            groups are evaluated again (G = 2: all of them at once; G >= 4:
 //            those after it in the scan, those before it at the next pass's
 //            start). G = 2: a thread per pair (its four swaps are two sums);
-//            G >= 4: a team of lanes per pair (Similarity a lane per row of
-//            the G x G swaps, key-weighted a lane per swap). The result is the
-//            core's.
+//            with the whole matrix the passes after the first full one run in
+//            warp 0 alone (no CTA barriers). G >= 4: a team of lanes per pair
+//            (Similarity a lane per row of the G x G swaps, key-weighted a lane
+//            per swap). The result is the core's. (The folded kernels keep
+//            v4's matching, first pass and refinement: the v5 forms measured
+//            no faster there; kernels/NOTES.md.)
 //
 // Checked without a GPU by kernels/emu (this file compiled on the host with
 // every CUDA thread a fiber, CPU plans as reference) and on the H100 by
@@ -135,7 +141,9 @@ struct SimTraits {
     static constexpr int kOffSelf = kOffKDiag + 4 * D;   // f32 [D] per column: distances to its group
     static constexpr int kOffCost = kOffSelf + 4 * D;    // f32 [D] per group: cost
     static constexpr int kOffRed = kOffCost + 4 * D;     // u32 [8] per-warp counts, i32 [8] control
-    static constexpr int kOffCur = kOffRed + 64;         // u8 [2][D] members
+    // u32 [4] (32 bytes) the groups choosing again in a matching round (whole matrix only)
+    static constexpr int kOffVote = kOffRed + 64;
+    static constexpr int kOffCur = kOffVote + (kFold ? 0 : 32);   // u8 [2][D] members
     static constexpr int kOffPos = kOffCur + 2 * D;      // u8 [D] column -> position
     static constexpr int kOffMate = kOffPos + D;         // u8 [D]
     static constexpr int kOffBest = kOffMate + D;        // u8 [D]
@@ -733,10 +741,10 @@ __device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* c
 // One greedy round: groups of S -> groups of 2S (cm -> nx).
 template <int D, int G, bool KW, int S>
 __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_t* nx, float* gcost, uint8_t* mate,
-                             uint8_t* best, uint32_t* red, int tid) {
+                             uint8_t* best, uint32_t* red, uint32_t* vote, int tid) {
     constexpr int n = D / S;
     constexpr int NI = Slots<n>::NI;                         // candidate slots per lane
-    constexpr int NO = (n + kSimWarps - 1) / kSimWarps;      // groups a warp owns (v = warp + 8 l)
+    constexpr int NWG = (n + 31) / 32;                       // words of a bit mask over the groups
     static_assert(n <= kSimThreads / 2 && n % 2 == 0, "groups");
     const int lane = tid & 31, warp = tid >> 5;
     if constexpr (S >= 2) {
@@ -761,56 +769,138 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
         }
     }
     __syncthreads();
-    for (int it = 0;; ++it) {
-        // Mutual choices are matched (both ends of a free group's choice are free here).
-        int still_free = 0;
-        if (tid < n && mate[tid] == kNone) {
-            const int u = best[tid];
-            if (best[u] == tid) {
-                mate[tid] = static_cast<uint8_t>(u);
-            } else {
-                still_free = 1;
+    if constexpr (!Costs<D, G, KW>::kFold) {
+        uint32_t* again_w = vote;   // [NWG] the groups that choose again in this round
+        for (int it = 0;; ++it) {
+            // Mutual choices are matched. A free group's choice u is free here, and
+            // is matched in this round iff its own choice is mutual: the groups
+            // whose choice is matched away (they choose again) are known from
+            // best[] alone (not written in this step).
+            bool still_free = false, again = false;
+            if (tid < n && mate[tid] == kNone) {
+                const int u = best[tid];
+                const int w = best[u];
+                if (w == tid) {
+                    mate[tid] = static_cast<uint8_t>(u);
+                } else {
+                    still_free = true;
+                    again = best[w] == u;
+                }
             }
-        }
-        if (tid == 0) DA_COUNT(3);
-        if (__syncthreads_count(still_free) == 0) break;
-        if (it == n) {
-            // Unreachable with a strict total order of the keys; a guard
-            // against a hang: pair the rest in order.
-            if (tid == 0) {
-                int prev = -1;
-                for (int v = 0; v < n; ++v)
-                    if (mate[v] == kNone) {
-                        if (prev < 0) {
-                            prev = v;
-                        } else {
-                            mate[prev] = static_cast<uint8_t>(v);
-                            mate[v] = static_cast<uint8_t>(prev);
-                            prev = -1;
+            if (warp < NWG) {
+                const uint32_t ab = __ballot_sync(kFull, again);
+                if (lane == 0) again_w[warp] = ab;
+            }
+            if (tid == 0) DA_COUNT(3);
+            if (__syncthreads_count(still_free) == 0) break;
+            if (it == n) {
+                // Unreachable with a strict total order of the keys; a guard
+                // against a hang: pair the rest in order.
+                if (tid == 0) {
+                    int prev = -1;
+                    for (int v = 0; v < n; ++v)
+                        if (mate[v] == kNone) {
+                            if (prev < 0) {
+                                prev = v;
+                            } else {
+                                mate[prev] = static_cast<uint8_t>(v);
+                                mate[v] = static_cast<uint8_t>(prev);
+                                prev = -1;
+                            }
                         }
+                }
+                __syncthreads();
+                break;
+            }
+            // The groups that choose again, dealt round-robin over the warps in
+            // their order (the r-th to warp r mod 8): mine[k] bit l is group 32 k + l.
+            uint32_t mine[NWG];
+            bool any = false;
+            {
+                const uint32_t lt = (1u << lane) - 1u;
+                int base = 0;
+#pragma unroll
+                for (int k = 0; k < NWG; ++k) {
+                    const uint32_t aw = again_w[k];
+                    const bool take = ((aw >> lane) & 1u) && ((base + __popc(aw & lt)) & (kSimWarps - 1)) == warp;
+                    mine[k] = __ballot_sync(kFull, take);
+                    any |= mine[k] != 0u;
+                    base += __popc(aw);
+                }
+            }
+            if (any) {
+                // They choose among the free groups.
+                uint32_t fm[NI];
+                free_mask<n>(mate, fm, lane);
+#pragma unroll
+                for (int k = 0; k < NWG; ++k) {
+                    uint32_t todo = mine[k];
+                    while (todo) {
+                        const int v = 32 * k + __ffs(todo) - 1;
+                        todo &= todo - 1u;
+                        const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+                        if (lane == 0) best[v] = static_cast<uint8_t>(b);
                     }
+                }
             }
             __syncthreads();
-            break;
         }
-        // This warp's groups whose choice was matched away choose again,
-        // among the free groups (every such warp builds the whole mask).
-        const int own = warp + kSimWarps * lane;
-        const bool again = lane < NO && own < n && mate[own] == kNone && mate[best[own]] != kNone;
-        uint32_t todo = __ballot_sync(kFull, again);
-        if (todo) {
-            __syncwarp();   // best[own] is read above and rewritten below, by other lanes
-            uint32_t fm[NI];
-            free_mask<n>(mate, fm, lane);
-            while (todo) {
-                const int l = __ffs(todo) - 1;
-                todo &= todo - 1u;
-                const int v = warp + kSimWarps * l;
-                const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
-                if (lane == 0) best[v] = static_cast<uint8_t>(b);
+    } else {
+        // The folded matrix (D = 128, G <= 4): v4's rounds, each warp searching for
+        // the groups it owns (v = warp mod 8); the dealt searches measured no
+        // faster there (kernels/NOTES.md, v5).
+        constexpr int NO = (n + kSimWarps - 1) / kSimWarps;   // groups a warp owns (v = warp + 8 l)
+        for (int it = 0;; ++it) {
+            // Mutual choices are matched (both ends of a free group's choice are free here).
+            int still_free = 0;
+            if (tid < n && mate[tid] == kNone) {
+                const int u = best[tid];
+                if (best[u] == tid) {
+                    mate[tid] = static_cast<uint8_t>(u);
+                } else {
+                    still_free = 1;
+                }
             }
+            if (tid == 0) DA_COUNT(3);
+            if (__syncthreads_count(still_free) == 0) break;
+            if (it == n) {
+                // Unreachable with a strict total order of the keys; a guard
+                // against a hang: pair the rest in order.
+                if (tid == 0) {
+                    int prev = -1;
+                    for (int v = 0; v < n; ++v)
+                        if (mate[v] == kNone) {
+                            if (prev < 0) {
+                                prev = v;
+                            } else {
+                                mate[prev] = static_cast<uint8_t>(v);
+                                mate[v] = static_cast<uint8_t>(prev);
+                                prev = -1;
+                            }
+                        }
+                }
+                __syncthreads();
+                break;
+            }
+            // This warp's groups whose choice was matched away choose again,
+            // among the free groups (every such warp builds the whole mask).
+            const int own = warp + kSimWarps * lane;
+            const bool again = lane < NO && own < n && mate[own] == kNone && mate[best[own]] != kNone;
+            uint32_t todo = __ballot_sync(kFull, again);
+            if (todo) {
+                __syncwarp();   // best[own] is read above and rewritten below, by other lanes
+                uint32_t fm[NI];
+                free_mask<n>(mate, fm, lane);
+                while (todo) {
+                    const int l = __ffs(todo) - 1;
+                    todo &= todo - 1u;
+                    const int v = warp + kSimWarps * l;
+                    const int b = search<D, G, KW, S>(c, cm, gcost, v, fm, lane);
+                    if (lane == 0) best[v] = static_cast<uint8_t>(b);
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
     // New groups: pair (v, mate v) with v < mate, in the order of v (= order of
     // the smallest column, since groups are ordered by it); members of v first.
@@ -843,9 +933,17 @@ __device__ __forceinline__ int eval_pair2(const Costs<D, G, KW>& c, const uint8_
     const float before = gcost[a] + gcost[b];
     const bool c0 = c.at(a1, b0) + c.at(a0, b1) < before;
     const bool c1 = c.at(a1, b1) + c.at(a0, b0) < before;
-    if (start == 0) return c0 ? 0 : c1 ? 1 : kNone;
-    if (start <= 2) return c1 ? start : c0 ? 3 : kNone;
-    return start == 3 && c0 ? 3 : kNone;
+    if constexpr (Costs<D, G, KW>::kFold) {
+        if (start == 0) return c0 ? 0 : c1 ? 1 : kNone;
+        if (start <= 2) return c1 ? start : c0 ? 3 : kNone;
+        return start == 3 && c0 ? 3 : kNone;
+    } else {
+        // (selects, no branches: callers interleave several evaluations)
+        const int r0 = c0 ? 0 : c1 ? 1 : kNone;
+        const int r12 = c1 ? start : c0 ? 3 : kNone;
+        const int r3 = c0 ? 3 : kNone;
+        return start == 0 ? r0 : start <= 2 ? r12 : r3;
+    }
 }
 
 // G >= 4: does swapping a_x and b_y lower the summed cost of groups a, b?
@@ -992,7 +1090,39 @@ __device__ __forceinline__ void full_pass(const Costs<D, G, KW>& c, const uint8_
                                           const float* gcost, uint32_t* imp, uint8_t* first, uint16_t* pairs,
                                           int tid) {
     constexpr int n = D / G, NP = n * (n - 1) / 2;
-    if constexpr (G == 2) {
+    if constexpr (G == 2 && !Costs<D, G, KW>::kFold) {
+        // Row fr holds the pairs (fr, fr + 1 + s) for s < n - 1 - fr, row
+        // n - 2 - fr the pairs (n - 2 - fr, s) for s >= n - 1 - fr (fr < H - 1);
+        // both groups a, their members and costs are read once, and p = base + s.
+        constexpr int H = n / 2, TPF = kSimThreads / H, CH = (n + TPF - 1) / TPF;
+        const int fr = tid / TPF, seg = tid % TPF;
+        const int alo = fr, ahi = n - 2 - fr;
+        const uint16_t* cm2 = reinterpret_cast<const uint16_t*>(cm);
+        const int mlo = cm2[alo], mhi = cm2[ahi];
+        const float glo = gcost[alo], ghi = gcost[ahi];
+        const int plo = pair_index(alo, alo + 1, n), phi = pair_index(ahi, ahi + 1, n) - (ahi + 1);
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+            const int s = seg * CH + k;
+            const bool lower = s < n - 1 - fr;
+            if (s < n && (lower || fr < H - 1)) {
+                DA_COUNT(4);
+                const int a = lower ? alo : ahi, b = lower ? fr + 1 + s : s;
+                const int ma = lower ? mlo : mhi, mb = cm2[b];
+                const int a0 = ma & 0xff, a1 = ma >> 8, b0 = mb & 0xff, b1 = mb >> 8;
+                const float before = (lower ? glo : ghi) + gcost[b];
+                // (eval_pair2 from swap 0)
+                const bool c0 = c.at(a1, b0) + c.at(a0, b1) < before;
+                const bool c1 = c.at(a1, b1) + c.at(a0, b0) < before;
+                const int r = c0 ? 0 : c1 ? 1 : kNone;
+                const int p = (lower ? plo : phi) + s;
+                first[p] = static_cast<uint8_t>(r);
+                pairs[p] = static_cast<uint16_t>(a | b << 8);
+                if (r != kNone) atomicOr(&imp[p >> 5], 1u << (p & 31));
+            }
+        }
+    } else if constexpr (G == 2) {
+        // (the folded matrix: v4's form)
         constexpr int H = n / 2, TPF = kSimThreads / H, CH = (n + TPF - 1) / TPF;
         const int fr = tid / TPF, seg = tid % TPF;
 #pragma unroll
@@ -1123,6 +1253,81 @@ __device__ __forceinline__ int next_pair(const uint32_t* imp, int pstart, int la
     return -1;
 }
 
+// G = 2 with the whole matrix: the refinement's passes after the full pass in
+// one warp (the CTA-wide loop's steps with __syncwarp for its barriers; the
+// other warps are done): at a pass start the pairs the last pass took are
+// evaluated again from swap 0; the next pair in scan order with an improving
+// swap is found from the mask and its first improving swap applied; then
+// every pair that contains one of its two groups is evaluated again from swap
+// 0 (the pair itself from the next swap on: the scan goes on inside it).
+template <int D, int G, bool KW>
+__device__ void refine_warp2(const Costs<D, G, KW>& c, uint8_t* cm, float* gcost, uint32_t* imp, uint32_t* stale,
+                             uint8_t* first, const uint16_t* pairs, int lane) {
+    static_assert(G == 2, "refine_warp2");
+    constexpr int n = D / G, NP = n * (n - 1) / 2, NW = (NP + 31) / 32;
+    for (int pass = 0; pass < 8; ++pass) {
+        if (lane == 0) DA_COUNT(7);
+        if (pass > 0) {
+            for (int wi = lane; wi < NW; wi += 32) {
+                uint32_t bits = stale[wi];
+                stale[wi] = 0u;
+                while (bits) {
+                    const int p = 32 * wi + __ffs(bits) - 1;
+                    bits &= bits - 1u;
+                    const int ab = pairs[p];
+                    record(first, imp, p, eval_pair2<D, G, KW>(c, cm, gcost, ab & 0xff, ab >> 8, 0));
+                }
+            }
+            __syncwarp();
+        }
+        bool improved = false;
+        int pstart = 0;
+        while (true) {
+            const int qp = next_pair<NW>(imp, pstart, lane);
+            if (qp < 0) break;
+            if (lane == 0) DA_COUNT(6);
+            improved = true;
+            const int idx = first[qp];
+            const int ab = pairs[qp];   // (decoded by the full pass)
+            const int a = ab & 0xff, bb = ab >> 8;
+            __syncwarp();   // (first, imp and cm read by every lane before they change)
+            if (lane == 0) {
+                const int x = idx / G, y = idx % G;
+                const int ca = cm[a * G + x], cbm = cm[bb * G + y];
+                cm[a * G + x] = static_cast<uint8_t>(cbm);
+                cm[bb * G + y] = static_cast<uint8_t>(ca);
+                stale[qp >> 5] |= 1u << (qp & 31);
+            }
+            __syncwarp();
+            if (lane < 2) {
+                const int g = lane ? bb : a;
+                gcost[g] = c.at(cm[2 * g], cm[2 * g + 1]);
+            }
+            __syncwarp();
+            // (all evaluations of a lane before its records: independent loads)
+            constexpr int total = 2 * n - 3, IT = (total + 31) / 32;
+            int pp[IT], r[IT];
+#pragma unroll
+            for (int i = 0; i < IT; ++i) {
+                // (branch-free: lanes past the end evaluate the last pair, not recorded)
+                const int t = min(lane + 32 * i, total - 1);
+                int pa, pb;
+                touched_pair(t, a, bb, n, pa, pb);
+                pp[i] = pair_index(pa, pb, n);
+                const int st = pp[i] == qp ? idx + 1 : 0;
+                const int e = eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, min(st, 3));
+                r[i] = st < 4 ? e : kNone;
+            }
+#pragma unroll
+            for (int i = 0; i < IT; ++i)
+                if (lane + 32 * i < total) record(first, imp, pp[i], r[i]);
+            __syncwarp();
+            pstart = qp;
+        }
+        if (!improved) break;
+    }
+}
+
 template <typename T, int D, int G, bool KW>
 __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1148,6 +1353,7 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         float* selfs = reinterpret_cast<float*>(smem + Tr::kOffSelf);
         float* gcost = reinterpret_cast<float*>(smem + Tr::kOffCost);
         uint32_t* red = reinterpret_cast<uint32_t*>(smem + Tr::kOffRed);
+        uint32_t* vote = reinterpret_cast<uint32_t*>(smem + Tr::kOffVote);
         int* ctl = reinterpret_cast<int*>(smem + Tr::kOffRed + 32);
         uint8_t* cur = smem + Tr::kOffCur;
         uint8_t* pos = smem + Tr::kOffPos;
@@ -1220,14 +1426,14 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         const C c{mat, gk, kdiag, diag};
 
         // ---- greedy rounds ----
-        greedy_round<D, G, KW, 1>(c, cur, cur + D, gcost, mate, best, red, tid);
+        greedy_round<D, G, KW, 1>(c, cur, cur + D, gcost, mate, best, red, vote, tid);
         uint8_t* cm = cur + D;
         if constexpr (G >= 4) {
-            greedy_round<D, G, KW, 2>(c, cur + D, cur, gcost, mate, best, red, tid);
+            greedy_round<D, G, KW, 2>(c, cur + D, cur, gcost, mate, best, red, vote, tid);
             cm = cur;
         }
         if constexpr (G >= 8) {
-            greedy_round<D, G, KW, 4>(c, cur, cur + D, gcost, mate, best, red, tid);
+            greedy_round<D, G, KW, 4>(c, cur, cur + D, gcost, mate, best, red, vote, tid);
             cm = cur + D;
         }
 
@@ -1247,85 +1453,94 @@ __device__ void simplan_body(const SimPlanParams& p, unsigned char* smem) {
         for (int i = tid; i < D; i += kSimThreads) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, i / G, i % G);
         __syncthreads();
         full_pass<D, G, KW>(c, cm, selfs, gcost, imp, first, pairs, tid);
-        for (int pass = 0; pass < 8; ++pass) {
-            if (tid == 0) DA_COUNT(7);
-            if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, pairs, tid);
+        if constexpr (G == 2 && !C::kFold) {
+            // The passes in warp 0 (no CTA barriers; the other warps are done).
             __syncthreads();
-            for (int w = tid; w < NW; w += kSimThreads) stale[w] = 0u;
-            bool improved = false;
-            int pstart = 0;
-            while (true) {
-                // The next swap the core's scan applies: the first pair from
-                // pstart on with an improving swap (its first one). Warp 0
-                // finds and applies it.
-                if (warp == 0) {
-                    const int qp = next_pair<NW>(imp, pstart, lane);
-                    if (qp >= 0) {
-                        const int idx = first[qp];
-                        const int ab = pairs[qp];   // (decoded by the full pass)
-                        const int a = ab & 0xff, bb = ab >> 8;
-                        const int x = idx / G, y = idx % G;
-                        if (lane == 0) {
-                            const int ca = cm[a * G + x], cbm = cm[bb * G + y];
-                            cm[a * G + x] = static_cast<uint8_t>(cbm);
-                            cm[bb * G + y] = static_cast<uint8_t>(ca);
-                            pos[cbm] = static_cast<uint8_t>(a * G + x);
-                            pos[ca] = static_cast<uint8_t>(bb * G + y);
-                            if (G == 2) stale[qp >> 5] |= 1u << (qp & 31);
-                            ctl[1] = idx;
-                            ctl[2] = a;
-                            ctl[3] = bb;
-                        }
-                        __syncwarp();
-                        if (lane < 2 * G) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, lane < G ? a : bb, lane % G);
-                    }
-                    if (lane == 0) ctl[0] = qp;
-                }
-                __syncthreads();
-                const int qp = ctl[0];
-                if (qp < 0) break;
-                if (tid == 0) DA_COUNT(6);
-                improved = true;
-                const int idx = ctl[1], a = ctl[2], bb = ctl[3];
-                if constexpr (G == 2) {
-                    // Every pair that contains a or bb, now: from swap 0, except qp
-                    // itself (the scan goes on inside it from idx + 1).
-                    constexpr int total = 2 * n - 3;
-                    for (int t = tid; t < total; t += kSimThreads) {
-                        int pa, pb;
-                        touched_pair(t, a, bb, n, pa, pb);
-                        const int pp = pair_index(pa, pb, n);
-                        const int st = pp == qp ? idx + 1 : 0;
-                        record(first, imp, pp, st < 4 ? eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, st) : kNone);
-                    }
-                } else {
-                    // The pairs before qp that contain a or bb: at the next pass's
-                    // start; those after it (and qp from idx + 1): now.
-                    const int nA = n - 1 - bb, nM = bb - a - 1;
-                    const int nbefore = 2 * a + nM + 1, total = 1 + 2 * nA + nM;
-                    for (int t = tid; t < nbefore; t += kSimThreads) {
-                        const int pp = before_pair(t, a, bb, n);
-                        atomicOr(&stale[pp >> 5], 1u << (pp & 31));
-                    }
-                    constexpr int TT = Team<G, KW>::T, NTM = kSimThreads / TT;
-                    const int team = tid / TT;
-                    for (int base = 0; base < total; base += NTM) {
-                        const int t = base + team;
-                        const bool has = t < total;
-                        if (!__any_sync(kFull, has)) break;
-                        int pa = 0, pb = 1;
-                        if (has) after_pair(t, a, bb, n, pa, pb);
-                        const int st = t == 0 ? idx + 1 : 0;
-                        const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, pa, pb, st, has, lane);
-                        if (has && lane % TT == 0) record(first, imp, pair_index(pa, pb, n), r);
-                    }
-                }
-                __syncthreads();
-                pstart = qp;
+            if (warp == 0) {
+                refine_warp2<D, G, KW>(c, cm, gcost, imp, stale, first, pairs, lane);
+                for (int j = lane; j < D; j += 32) out[j] = cm[j];
             }
-            if (!improved) break;
+        } else {
+            for (int pass = 0; pass < 8; ++pass) {
+                if (tid == 0) DA_COUNT(7);
+                if (pass > 0) eval_stale<D, G, KW>(c, cm, selfs, gcost, stale, imp, first, pairs, tid);
+                __syncthreads();
+                for (int w = tid; w < NW; w += kSimThreads) stale[w] = 0u;
+                bool improved = false;
+                int pstart = 0;
+                while (true) {
+                    // The next swap the core's scan applies: the first pair from
+                    // pstart on with an improving swap (its first one). Warp 0
+                    // finds and applies it.
+                    if (warp == 0) {
+                        const int qp = next_pair<NW>(imp, pstart, lane);
+                        if (qp >= 0) {
+                            const int idx = first[qp];
+                            const int ab = pairs[qp];   // (decoded by the full pass)
+                            const int a = ab & 0xff, bb = ab >> 8;
+                            const int x = idx / G, y = idx % G;
+                            if (lane == 0) {
+                                const int ca = cm[a * G + x], cbm = cm[bb * G + y];
+                                cm[a * G + x] = static_cast<uint8_t>(cbm);
+                                cm[bb * G + y] = static_cast<uint8_t>(ca);
+                                pos[cbm] = static_cast<uint8_t>(a * G + x);
+                                pos[ca] = static_cast<uint8_t>(bb * G + y);
+                                if (G == 2) stale[qp >> 5] |= 1u << (qp & 31);
+                                ctl[1] = idx;
+                                ctl[2] = a;
+                                ctl[3] = bb;
+                            }
+                            __syncwarp();
+                            if (lane < 2 * G) refresh_group<D, G, KW>(c, cm, pos, selfs, gcost, lane < G ? a : bb, lane % G);
+                        }
+                        if (lane == 0) ctl[0] = qp;
+                    }
+                    __syncthreads();
+                    const int qp = ctl[0];
+                    if (qp < 0) break;
+                    if (tid == 0) DA_COUNT(6);
+                    improved = true;
+                    const int idx = ctl[1], a = ctl[2], bb = ctl[3];
+                    if constexpr (G == 2) {
+                        // Every pair that contains a or bb, now: from swap 0, except qp
+                        // itself (the scan goes on inside it from idx + 1).
+                        constexpr int total = 2 * n - 3;
+                        for (int t = tid; t < total; t += kSimThreads) {
+                            int pa, pb;
+                            touched_pair(t, a, bb, n, pa, pb);
+                            const int pp = pair_index(pa, pb, n);
+                            const int st = pp == qp ? idx + 1 : 0;
+                            record(first, imp, pp, st < 4 ? eval_pair2<D, G, KW>(c, cm, gcost, pa, pb, st) : kNone);
+                        }
+                    } else {
+                        // The pairs before qp that contain a or bb: at the next pass's
+                        // start; those after it (and qp from idx + 1): now.
+                        const int nA = n - 1 - bb, nM = bb - a - 1;
+                        const int nbefore = 2 * a + nM + 1, total = 1 + 2 * nA + nM;
+                        for (int t = tid; t < nbefore; t += kSimThreads) {
+                            const int pp = before_pair(t, a, bb, n);
+                            atomicOr(&stale[pp >> 5], 1u << (pp & 31));
+                        }
+                        constexpr int TT = Team<G, KW>::T, NTM = kSimThreads / TT;
+                        const int team = tid / TT;
+                        for (int base = 0; base < total; base += NTM) {
+                            const int t = base + team;
+                            const bool has = t < total;
+                            if (!__any_sync(kFull, has)) break;
+                            int pa = 0, pb = 1;
+                            if (has) after_pair(t, a, bb, n, pa, pb);
+                            const int st = t == 0 ? idx + 1 : 0;
+                            const int r = eval_team<D, G, KW>(c, cm, selfs, gcost, pa, pb, st, has, lane);
+                            if (has && lane % TT == 0) record(first, imp, pair_index(pa, pb, n), r);
+                        }
+                    }
+                    __syncthreads();
+                    pstart = qp;
+                }
+                if (!improved) break;
+            }
+            for (int j = tid; j < D; j += kSimThreads) out[j] = cm[j];
         }
-        for (int j = tid; j < D; j += kSimThreads) out[j] = cm[j];
     }
 }
 
