@@ -29,59 +29,16 @@
 use std::io::Write;
 
 use distr_attention_core::{Config, Layout, PlanShape};
-use distr_attention_cuda::cust::event::{Event, EventFlags};
 use distr_attention_cuda::cust::memory::DeviceBuffer;
 use distr_attention_cuda::cust::stream::{Stream, StreamFlags};
 use distr_attention_cuda::{Bf16, Engine, GpuPlan, GpuTensor, GpuTensorMut};
 
-const TOKENS: usize = 65536;
-const WIDTH: usize = 2048;
-
-struct Args {
-    json: Option<String>,
-    warmup: usize,
-    reps: usize,
-    quick: bool,
-    backward: bool,
-}
-
-fn args() -> Args {
-    let mut a = Args { json: None, warmup: 3, reps: 10, quick: false, backward: false };
-    let mut it = std::env::args().skip(1);
-    while let Some(x) = it.next() {
-        match x.as_str() {
-            "--json" => a.json = it.next(),
-            "--warmup" => a.warmup = it.next().and_then(|s| s.parse().ok()).expect("--warmup N"),
-            "--reps" => a.reps = it.next().and_then(|s| s.parse().ok()).expect("--reps N"),
-            "--quick" => a.quick = true,
-            "--backward" => a.backward = true,
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    a
-}
-
-/// Median milliseconds of `f` timed with events on `stream`.
-fn time(stream: &Stream, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
-    let (start, stop) = (Event::new(EventFlags::DEFAULT).unwrap(), Event::new(EventFlags::DEFAULT).unwrap());
-    for _ in 0..warmup {
-        f();
-    }
-    stream.synchronize().unwrap();
-    let mut ms = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        start.record(stream).unwrap();
-        f();
-        stop.record(stream).unwrap();
-        stop.synchronize().unwrap();
-        ms.push(stop.elapsed_time_f32(&start).unwrap() as f64);
-    }
-    ms.sort_by(f64::total_cmp);
-    ms[reps / 2]
-}
+#[path = "shared/bench_common.rs"]
+mod bench_common;
+use bench_common::{time, Args, RandomInputs, TOKENS, WIDTH};
 
 fn main() {
-    let a = args();
+    let a = Args::parse(10, &["--backward"]);
     let _ctx = distr_attention_cuda::cust::quick_init().expect("a CUDA device");
     let engine = Engine::new().unwrap();
     let mma = Engine::new().unwrap().with_wgmma(false);
@@ -93,32 +50,17 @@ fn main() {
         engine.wgmma()
     );
 
-    // Random inputs (uniform on [-sqrt(3), sqrt(3)): unit variance), one buffer
-    // per tensor, reused by every shape (B·N·H·D is the same for all).
-    let len = TOKENS * WIDTH;
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut host = vec![Bf16::default(); len];
-    let mut fill = |buf: &mut [Bf16]| {
-        for x in buf.iter_mut() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-            *x = Bf16(half::bf16::from_f32((u * 2.0 - 1.0) * 1.732));
-        }
-    };
-    let mut upload = |host: &mut Vec<Bf16>| {
-        fill(host);
-        DeviceBuffer::from_slice(host).unwrap()
-    };
-    let (dq, dk, dv) = (upload(&mut host), upload(&mut host), upload(&mut host));
-    let mut dout: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(&host).unwrap();
+    // Random inputs, one buffer per tensor, reused by every shape (B·N·H·D is
+    // the same for all); `dout` is an output buffer.
+    let mut inputs = RandomInputs::new();
+    let (dq, dk, dv) = (inputs.upload(), inputs.upload(), inputs.upload());
+    let mut dout = inputs.upload();
     let mut dplan: DeviceBuffer<u16> = DeviceBuffer::from_slice(&vec![0u16; TOKENS / 64 * WIDTH]).unwrap();
 
     let mut json = a.json.as_ref().map(|p| std::fs::File::create(p).expect("json output"));
-    if a.backward {
+    if a.set.contains(&"--backward") {
         drop((dout, dplan));
-        backward::run(&a, &engine, &stream, (&dq, &dk, &dv), &mut host, json.as_mut());
+        backward::run(&a, &engine, &stream, (&dq, &dk, &dv), &mut inputs, json.as_mut());
         return;
     }
     println!(
@@ -220,13 +162,12 @@ mod backward {
         engine: &Engine,
         stream: &Stream,
         (dq, dk, dv): (&DeviceBuffer<Bf16>, &DeviceBuffer<Bf16>, &DeviceBuffer<Bf16>),
-        host: &mut [Bf16],
+        inputs: &mut RandomInputs,
         mut json: Option<&mut std::fs::File>,
     ) {
         let len = TOKENS * WIDTH;
-        // dO: random, unlike the other inputs' values (reversed order).
-        host.reverse();
-        let d_out: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(host).unwrap();
+        // dO: a fresh random draw.
+        let d_out = inputs.upload();
         let zeros = vec![Bf16::default(); len];
         let mut out: DeviceBuffer<Bf16> = DeviceBuffer::from_slice(&zeros).unwrap();
         let (mut gq, mut gk, mut gv): (DeviceBuffer<Bf16>, DeviceBuffer<Bf16>, DeviceBuffer<Bf16>) = (
