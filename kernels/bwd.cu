@@ -334,7 +334,7 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
                     for (int ci = 0; ci < kChunk; ++ci) {
                         const int task = (c0 + ci) * Tr::kWarps + warp;
                         const int t = task % DG, n = (task / DG) * 32 + lane;
-                        reinterpret_cast<T*>(khb + t * Tr::kPitchKhT)[n] = khat_sum<T, G>(e[ci]);
+                        reinterpret_cast<T*>(khb + t * Tr::kPitchKhT)[n] = group_sum<T, G>(e[ci]);
                     }
                 }
                 __syncthreads();   // Khat^T visible

@@ -70,25 +70,6 @@ static_assert(sizeof(BwdRowParams) == 736, "BwdRowParams layout (cuda-driver/src
 
 namespace da {
 
-// Sum of a group's K values for one key, rounded once to T: the same
-// rounding as fwd.cu's group_sum (so P here is the forward's P).
-template <typename T, int G>
-__device__ __forceinline__ T khat_sum(const T (&e)[G]) {
-    if constexpr (G == 2) {
-        return __hadd(e[0], e[1]);
-    } else {
-        float f[G];
-#pragma unroll
-        for (int i = 0; i < G; ++i) f[i] = Num<T>::to_float(e[i]);
-#pragma unroll
-        for (int w = 1; w < G; w *= 2)
-#pragma unroll
-            for (int i = 0; i < G; i += 2 * w) f[i] += f[i + w];
-        return Num<T>::from_float(f[0]);
-    }
-}
-
-
 // Two f32 adds to global memory (one vector reduction on sm_90).
 __device__ __forceinline__ void red_add2(float* addr, float a, float b) {
 #if __CUDA_ARCH__ >= 900

@@ -76,24 +76,6 @@ struct FwdTraits {
     static_assert(!kFused || DG % kWarps == 0, "fused columns split evenly over the warps");
 };
 
-// Sum of a group's K values for one key, rounded once to T. For G = 2 the
-// input type's own add is the same single rounding of the exact sum.
-template <typename T, int G>
-__device__ __forceinline__ T group_sum(const T (&e)[G]) {
-    if constexpr (G == 2) {
-        return __hadd(e[0], e[1]);
-    } else {
-        float f[G];
-#pragma unroll
-        for (int i = 0; i < G; ++i) f[i] = Num<T>::to_float(e[i]);
-#pragma unroll
-        for (int w = 1; w < G; w *= 2)
-#pragma unroll
-            for (int i = 0; i < G; i += 2 * w) f[i] += f[i + w];
-        return Num<T>::from_float(f[0]);
-    }
-}
-
 template <typename T, int D, int G, int BM, int BNV = 0>
 __device__ __forceinline__ void fwd_body(const FwdParams& p) {
     using Tr = FwdTraits<D, G, BM, BNV>;

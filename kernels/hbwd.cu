@@ -278,7 +278,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
 #pragma unroll
                             for (int a = 0; a < G; ++a)
                                 e[a] = *reinterpret_cast<const T*>(krow + min((int)perm[(t0 + u) * G + a], D - 1) * 2);
-                            const T x = khat_sum<T, G>(e);
+                            const T x = group_sum<T, G>(e);
                             out[u] = *reinterpret_cast<const uint16_t*>(&x);
                         }
                         st_shared_v4(k_a + nl * 128 + (((t0 / 8) ^ (nl % 8)) << 4), pack_raw(out[0], out[1]),
