@@ -738,6 +738,22 @@ __device__ __forceinline__ int search(const Costs<D, G, KW>& c, const uint8_t* c
     return static_cast<int>(__reduce_min_sync(kFull, bk == m ? bu : kFull));
 }
 
+// The matching rounds' guard against a hang (unreachable with a strict total
+// order of the keys): pairs the groups still free in index order. One thread.
+__device__ __forceinline__ void pair_rest_in_order(uint8_t* mate, int n) {
+    int prev = -1;
+    for (int v = 0; v < n; ++v)
+        if (mate[v] == kNone) {
+            if (prev < 0) {
+                prev = v;
+            } else {
+                mate[prev] = static_cast<uint8_t>(v);
+                mate[v] = static_cast<uint8_t>(prev);
+                prev = -1;
+            }
+        }
+}
+
 // One greedy round: groups of S -> groups of 2S (cm -> nx).
 template <int D, int G, bool KW, int S>
 __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_t* nx, float* gcost, uint8_t* mate,
@@ -794,21 +810,7 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
             if (tid == 0) DA_COUNT(3);
             if (__syncthreads_count(still_free) == 0) break;
             if (it == n) {
-                // Unreachable with a strict total order of the keys; a guard
-                // against a hang: pair the rest in order.
-                if (tid == 0) {
-                    int prev = -1;
-                    for (int v = 0; v < n; ++v)
-                        if (mate[v] == kNone) {
-                            if (prev < 0) {
-                                prev = v;
-                            } else {
-                                mate[prev] = static_cast<uint8_t>(v);
-                                mate[v] = static_cast<uint8_t>(prev);
-                                prev = -1;
-                            }
-                        }
-                }
+                if (tid == 0) pair_rest_in_order(mate, n);
                 __syncthreads();
                 break;
             }
@@ -864,21 +866,7 @@ __device__ void greedy_round(const Costs<D, G, KW>& c, const uint8_t* cm, uint8_
             if (tid == 0) DA_COUNT(3);
             if (__syncthreads_count(still_free) == 0) break;
             if (it == n) {
-                // Unreachable with a strict total order of the keys; a guard
-                // against a hang: pair the rest in order.
-                if (tid == 0) {
-                    int prev = -1;
-                    for (int v = 0; v < n; ++v)
-                        if (mate[v] == kNone) {
-                            if (prev < 0) {
-                                prev = v;
-                            } else {
-                                mate[prev] = static_cast<uint8_t>(v);
-                                mate[v] = static_cast<uint8_t>(prev);
-                                prev = -1;
-                            }
-                        }
-                }
+                if (tid == 0) pair_rest_in_order(mate, n);
                 __syncthreads();
                 break;
             }
