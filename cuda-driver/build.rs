@@ -56,34 +56,29 @@ pub const DTYPES: [&str; 2] = ["f16", "bf16"];
 /// Head dimensions with a Hopper (wgmma) attention kernel.
 pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
 
+/// A unit of an attention kernel (`source` = hfwd.cu, fwd.cu, ...) for one
+/// element type and head dim: `<stem>_<dtype>_d<d>`.
+fn attention_unit(source: &'static str, dtype: &str, d: usize) -> Unit {
+    Unit {
+        name: format!("{}_{dtype}_d{d}", source.trim_end_matches(".cu")),
+        source,
+        defines: vec![
+            format!("DA_DTYPE={dtype}"),
+            format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
+            format!("DA_HEAD_DIM={d}"),
+        ],
+    }
+}
+
 fn units() -> Vec<Unit> {
     let mut v = vec![Unit { name: "plan".into(), source: "plan.cu", defines: vec![] }];
-    // The Hopper kernel (kernels/hfwd.cu): a real body only in the sm_90a image.
-    for dtype in DTYPES {
-        for d in HOPPER_HEAD_DIMS {
-            v.push(Unit {
-                name: format!("hfwd_{dtype}_d{d}"),
-                source: "hfwd.cu",
-                defines: vec![
-                    format!("DA_DTYPE={dtype}"),
-                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
-                    format!("DA_HEAD_DIM={d}"),
-                ],
-            });
-        }
-    }
-    // The Hopper backward main kernel (kernels/hbwd.cu): a real body only in the sm_90a image.
-    for dtype in DTYPES {
-        for d in HOPPER_HEAD_DIMS {
-            v.push(Unit {
-                name: format!("hbwd_{dtype}_d{d}"),
-                source: "hbwd.cu",
-                defines: vec![
-                    format!("DA_DTYPE={dtype}"),
-                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
-                    format!("DA_HEAD_DIM={d}"),
-                ],
-            });
+    // The Hopper forward and backward main kernels (kernels/hfwd.cu, hbwd.cu):
+    // a real body only in the sm_90a image.
+    for source in ["hfwd.cu", "hbwd.cu"] {
+        for dtype in DTYPES {
+            for d in HOPPER_HEAD_DIMS {
+                v.push(attention_unit(source, dtype, d));
+            }
         }
     }
     // Similarity/key-weighted plans: one unit per (dtype, head_dim).
@@ -101,24 +96,9 @@ fn units() -> Vec<Unit> {
     }
     for dtype in DTYPES {
         for d in HEAD_DIMS {
-            v.push(Unit {
-                name: format!("fwd_{dtype}_d{d}"),
-                source: "fwd.cu",
-                defines: vec![
-                    format!("DA_DTYPE={dtype}"),
-                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
-                    format!("DA_HEAD_DIM={d}"),
-                ],
-            });
-            v.push(Unit {
-                name: format!("bwd_{dtype}_d{d}"),
-                source: "bwd.cu",
-                defines: vec![
-                    format!("DA_DTYPE={dtype}"),
-                    format!("DA_DTYPE_IS_BF16={}", (dtype == "bf16") as u8),
-                    format!("DA_HEAD_DIM={d}"),
-                ],
-            });
+            for source in ["fwd.cu", "bwd.cu"] {
+                v.push(attention_unit(source, dtype, d));
+            }
         }
     }
     v
