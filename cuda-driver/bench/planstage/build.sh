@@ -22,7 +22,7 @@ for v in $versions; do
     echo "$name" >> "$dev/pst/versions"
 done
 lib="$(dirname "$NVCC")/../lib"
-"$NVCC" -std=c++17 -O2 -x cu -gencode=arch=compute_90a,code=sm_90a $here/planstage.cpp -L"$lib" \
+"$NVCC" -std=c++17 -O2 -x cu -gencode=arch=compute_90a,code=sm_90a -Ikernels $here/planstage.cpp -L"$lib" \
     -L"${CUDA_LIBRARY_PATH:-$lib}" -lcuda -o "$dev/pst/planstage"
 rm -rf "$tmp"
 ls -la "$dev/pst"

@@ -20,6 +20,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>   // events: the runtime's (this libcuda stub lacks cuEventElapsedTime_v2)
 
+#include "common.cuh"   // PlanParams, the kernels' parameter block
+
 #define CK(x)                                                                    \
     do {                                                                         \
         CUresult r_ = (x);                                                       \
@@ -30,14 +32,6 @@
             std::exit(1);                                                        \
         }                                                                        \
     } while (0)
-
-struct PlanParams {   // kernels/common.cuh
-    const void* q;
-    uint16_t* plan;
-    const float* proj;
-    long long q_batch_stride, q_row_stride, q_head_stride;
-    int q_len, heads, head_dim, block_rows, num_proj, num_blocks, batch_offset, batch;
-};
 
 struct Version {
     std::string name;
