@@ -52,6 +52,7 @@ constexpr int kHThreads = 384;
 
 #ifdef DA_HSTAGE
 __device__ unsigned long long hprof[8];   // hstage's cycle counters (kAblate bit 4), summed over CTAs
+__device__ unsigned long long* htl;       // hstage's timeline (kAblate bit 5), 16 words per CTA
 #endif
 
 template <int D, int G>
@@ -62,38 +63,40 @@ struct HTraits {
     static constexpr int DG = D / G;
     static constexpr int KW = (DG + 15) / 16 * 16;   // reduction width of S, padded to wgmma's k
     static constexpr int KC = kFused ? KW : D;        // columns of the S operands
-    static constexpr int kPitchQraw = 2 * D + 16;
     static constexpr int kKBytes = BN * KC * 2;
     static constexpr int kVBytes = BN * D * 2;
     static constexpr int kStageBytes = kKBytes + kVBytes;
     static constexpr int kOffBar = 0;                 // full[S], empty[S], kraw_full[2]
     static constexpr int kOffZero = 248;              // a u32 0 (pins the consumers' wait, see there)
-    static constexpr int kOffOff = 256;               // sigma as byte offsets into a raw Q row, D x u32
     static constexpr int kOffQ = 1024;                // G = 1: Q (K-major); G > 1: Qhat (K-major)
     // G > 1 only: two raw-K half tiles (64 keys, 128-byte swizzle as G = 1's K)
-    // and the fusion matrix F^T (KW x D, K-major, no swizzle; F[c][t] = 1 for
-    // the columns c of group t, rows t >= d/G zero).
+    // and two fusion matrices, transposed (KW x D, K-major, no swizzle; rows
+    // t >= d/G zero): F_K^T for Khat = K F_K (F_K[c][t] = 1 for the columns c
+    // of group t) and F_Q^T for Qhat = Q F_Q (Mean: 1/G there; Sample: 1 for
+    // the group's first column only).
     static constexpr int kHalfBytes = HN * D * 2;
     static constexpr int kFBytes = KW * D * 2;
     static constexpr int kOffKraw = kOffQ + BM * KC * 2;
     static constexpr int kOffF = kOffKraw + (kFused ? 2 * kHalfBytes : 0);
-    static constexpr int kOffStage = kOffF + (kFused ? kFBytes : 0);
+    static constexpr int kOffFq = kOffF + (kFused ? kFBytes : 0);
+    static constexpr int kOffStage = kOffFq + (kFused ? kFBytes : 0);
     // Stages of (K or Khat, V): as many as fit, at most 4 (3 at D = 128 for
     // G = 1, 2).
     static constexpr int kFit = (227 * 1024 - kOffStage) / kStageBytes;
     static constexpr int S = kFit < 4 ? kFit : 4;
-    // G > 1: raw Q (read once, by the consumers' Qhat build) follows the
-    // stages where it fits (D = 64); otherwise (D = 128) it aliases the last
-    // stage, which the producer then first writes at tile S - 1, after barrier 4.
-    static constexpr int kQrawBytes = BM * kPitchQraw;
+    // G > 1: raw Q (128-byte swizzle, 64 rows per consumer; read once, by
+    // the consumers' Qhat GEMM) follows the stages where it fits (D = 64);
+    // otherwise (D = 128) it aliases the last stage, which the producer then
+    // first writes at tile S - 1, after barrier 4.
+    static constexpr int kQrawBytes = BM * D * 2;
     static constexpr bool kQrawAlias = kFused && kOffStage + S * kStageBytes + kQrawBytes > 227 * 1024;
     static constexpr int kOffQraw = kOffStage + (kQrawAlias ? (S - 1) * kStageBytes : S * kStageBytes);
     static constexpr int kSmem = kOffStage + S * kStageBytes + (kFused && !kQrawAlias ? kQrawBytes : 0);
     static_assert(S >= 3 && kSmem <= 227 * 1024, "shared memory");
     static_assert(!kQrawAlias || (kQrawBytes <= kStageBytes && KW == DG), "raw Q fits in a stage with no Khat pad");
-    static_assert(kOffOff + 4 * D <= kOffQ && 8 * (2 * S + 2) <= kOffZero, "barriers and tables");
+    static_assert(8 * (2 * S + 2) <= kOffZero, "barriers");
     static_assert(kOffStage % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0 && kHalfBytes % 1024 == 0 &&
-                      kFBytes % 1024 == 0,
+                      kFBytes % 1024 == 0 && kQrawBytes % 1024 == 0,
                   "swizzle atoms");
     // setmaxnreg: consumers grow only by what the producer released in this
     // CTA (launch cap 168): 128 * (168 - 56) = 256 * (224 - 168). The K GEMM's
@@ -104,6 +107,49 @@ struct HTraits {
 };
 
 #if DA_HOPPER
+// The fusion GEMM of one warpgroup: acc (64 x KW, f32) = A F for A, 64 rows
+// x D in the 128-byte-swizzle layout (K-major, one 8 KiB region per 64
+// columns: as TMA and load_sw128 write K and Q), and F^T (KW x D, K-major, no
+// swizzle); wgmma m64nKWk16 over D/16 k-steps. Each accumulator is a sum of
+// at most G nonzero exact products (the group's values times 1 or 1/G).
+template <int D, int KW, bool kBf16>
+__device__ __forceinline__ void fuse_gemm(float (&acc)[KW / 2], uint32_t a, uint32_t ft) {
+    const uint64_t desc_a = make_desc(a, 16, 1024, 1), desc_f = make_desc(ft, 128, 16 * D);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da_ = desc_a + (((kk / 4) * (64 * 128) + (kk % 4) * 32) >> 4);
+        const uint64_t db_ = desc_f + ((kk * 256) >> 4);
+        if (kk == 0) Wgmma<KW, kBf16>::ss_first(acc, da_, db_);
+        else Wgmma<KW, kBf16>::ss(acc, da_, db_, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc);
+}
+
+// fuse_gemm's accumulators rounded once to T and stored by stmatrix as the 64
+// rows at `dst` of a K-major tile without swizzle, KW columns (element (r, c)
+// at (c/8)*128 + (r/8)*16*KW + (r%8)*16 + (c%8)*2; the layout of Qhat and
+// Khat). Thread (warp w, lane l) holds rows 16w + l/4 + 8r, columns
+// 8nt + 2(l%4) + e (acc[4nt + 2r + e]); stmatrix.x4 writes the 8x8 blocks
+// (r, nt), (r, nt + 1) for r = 0, 1; lane l addresses row l % 8 of block l / 8.
+template <typename Nm, int KW>
+__device__ __forceinline__ void store_fused(const float (&acc)[KW / 2], uint32_t dst, int lt) {
+    const int warp = lt / 32, lane = lt % 32;
+    dst += (uint32_t)((lane / 16) * 128 + (2 * warp + (lane / 8) % 2) * (16 * KW) + (lane % 8) * 16);
+#pragma unroll
+    for (int nt = 0; nt < KW / 8; nt += 2) {
+        const uint32_t r0 = Nm::pack(acc[4 * nt], acc[4 * nt + 1]);
+        const uint32_t r1 = Nm::pack(acc[4 * nt + 2], acc[4 * nt + 3]);
+        const uint32_t r2 = Nm::pack(acc[4 * nt + 4], acc[4 * nt + 5]);
+        const uint32_t r3 = Nm::pack(acc[4 * nt + 6], acc[4 * nt + 7]);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + nt * 128), "r"(r0),
+                     "r"(r1), "r"(r2), "r"(r3)
+                     : "memory");
+    }
+}
+
 // Cycle counter of one thread (kAblate bit 4 only; empty otherwise).
 template <bool kOn>
 struct HClock {
@@ -122,12 +168,36 @@ struct HClock {
     }
 };
 
+// Timeline stamp i (kAblate bit 5 only) of this CTA by thread `who`: 16
+// words per CTA; %globaltimer into word i (0-3 by consumer thread 128 at
+// entry, tile 0 ready, loop done, epilogue done; 7-15 the prologue's steps),
+// word 4 the SM, 5 and 6 clock64 at entry and at the end (the clock's rate).
+template <int kAblate>
+__device__ __forceinline__ void htl_stamp(int i, int who = 128) {
+#ifdef DA_HSTAGE
+    if constexpr ((kAblate & 32) != 0) {
+        if ((int)threadIdx.x != who) return;
+        unsigned long long* w = htl + 16 * (blockIdx.x + gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z));
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        w[i] = t;
+        if (i == 0 || i == 3) w[i == 0 ? 5 : 6] = clock64();
+        if (i == 0) {
+            uint32_t sm;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+            w[4] = sm;
+        }
+    }
+#endif
+}
+
 // kAblate (timing builds of cuda-driver/bench/hstage only; 0 in the library):
 // bit 0 the producer skips the K GEMM and Khat (Khat stale), bit 1 it skips
 // the raw-K loads, bit 2 the consumers skip the softmax (P = S), bit 4
 // cycle counters of producer thread 0 and consumer thread 128 into hprof
 // (bit 3, the consumers taking turns for P_j V_j .. S_{j+1} with named
-// barriers, measured 2-24% slower and was removed: kernels/NOTES.md).
+// barriers, measured 2-24% slower and was removed: kernels/NOTES.md), bit 5
+// the timeline stamps of htl_stamp.
 template <typename T, int D, int G, int kAblate = 0>
 __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& maps) {
     using Tr = HTraits<D, G>;
@@ -138,8 +208,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
     extern __shared__ __align__(1024) unsigned char smem[];
     const uint32_t sbase = smem_addr(smem);
     const uint32_t bar_full = sbase + Tr::kOffBar, bar_empty = bar_full + 8 * S, bar_kraw = bar_empty + 8 * S;
-    uint32_t* s_off = reinterpret_cast<uint32_t*>(smem + Tr::kOffOff);
 
+    htl_stamp<kAblate>(0);
     const int tid = threadIdx.x;
     const int wg = tid / 128, lt = tid % 128;
     const int nblk = p.num_blocks;
@@ -153,6 +223,34 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
     if (p.causal) kv_end = min(n_kv, max(0, m0 + BM + n_kv - n_q));
     const int n_tiles = (kv_end + BN - 1) / BN;
 
+    auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
+    auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
+    // G > 1: the copy of raw-K half tile `half` (keys 64 half..) into buffer half % 2.
+    auto load_kraw = [&](int half) {
+        const uint32_t bar = bar_kraw + 8 * (half & 1);
+        if constexpr (kAblate & 2) {
+            mbar_arrive(bar);
+        } else {
+            mbar_arrive_expect_tx(bar, Tr::kHalfBytes);
+            tma_tile<D, HN>(sbase + Tr::kOffKraw + (half & 1) * Tr::kHalfBytes, maps.k, half * HN, hk, b, bar);
+        }
+    };
+    // G > 1: the copies of the first tiles depend on nothing but the launch:
+    // the producer's thread 0 issues them first thing after the block
+    // barrier, before any Khat work (raw K of tile 0, V of the tiles whose
+    // stages are free at launch, i.e. not the stage raw Q aliases). G = 1's
+    // producer issues its copies in that order anyway.
+    const int n_early = Tr::kFused ? min(n_tiles, Tr::kQrawAlias ? S - 1 : S) : 0;
+    auto issue_early = [&]() {
+        if (n_tiles > 0) {
+            load_kraw(0);
+            load_kraw(1);
+        }
+        for (int j = 0; j < n_early; ++j) {
+            mbar_expect_tx(bar_full + 8 * j, Tr::kVBytes);
+            tma_tile<D, BN>(stage_v(j), maps.v, j * BN, hk, b, bar_full + 8 * j);
+        }
+    };
     if (tid == 0) {
         // full[s]: G = 1 producer thread 0's arrival with the K/V copies' bytes;
         // G > 1 the 128 producer arrivals after Khat, with V's bytes. empty[s]:
@@ -166,102 +264,72 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         *reinterpret_cast<uint32_t*>(smem + Tr::kOffZero) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    // Consumer warpgroup cw's 64 query rows (from r0 = m0 + 64 cw) into `dst`
+    // (128-byte swizzle): G = 1 its S operand, loaded after the barrier; G > 1
+    // raw Q for the Qhat GEMM, loaded before it.
+    auto load_q = [&](uint32_t dst, int r0) {
+        const T* qg = static_cast<const T*>(p.q) + (long long)b * p.q_batch_stride + (long long)h * p.q_head_stride;
+        load_sw128<D, Tr::WM>(dst, qg + (long long)r0 * p.q_row_stride, p.q_row_stride, n_q - r0, lt);
+        cp_async_commit();
+    };
     if constexpr (Tr::kFused) {
-        // Entries are clamped: a corrupt plan gives wrong numbers, never a stray access.
-        const uint16_t* perm = p.plan + (((long long)b * p.q_heads + h) * nblk + mblk) * D;
-        for (int j = tid; j < D; j += kHThreads) {
-            const int c = min((int)perm[j], D - 1);
-            s_off[j] = 2 * c;
+        if (wg > 0) load_q(sbase + Tr::kOffQraw + (wg - 1) * Tr::WM * D * 2, m0 + (wg - 1) * Tr::WM);
+        // F_K^T (row t by thread t) and F_Q^T (row t by thread 128 + t), each
+        // row zeroed and then given its group's entries. Plan entries are
+        // clamped: a corrupt plan gives wrong numbers, never a stray access.
+        const int t = tid % 128;
+        if (t < Tr::KW && wg < 2) {
+            const bool for_q = wg == 1;
+            const uint32_t row = sbase + (for_q ? Tr::kOffFq : Tr::kOffF) + (t / 8) * (16 * D) + (t % 8) * 16;
+            const uint16_t* perm = p.plan + (((long long)b * p.q_heads + h) * nblk + mblk) * D + t * G;
+            int c[G];
+#pragma unroll
+            for (int i = 0; i < G; ++i) c[i] = t < DG ? min((int)perm[i], D - 1) : 0;
+#pragma unroll
+            for (int ch = 0; ch < D / 8; ++ch) st_shared_v4(row + ch * 128, 0, 0, 0, 0);
+            if (t < DG) {
+                const T one = Nm::from_float(for_q && !p.sample ? 1.f / G : 1.f);
+                const int n = for_q && p.sample ? 1 : G;
+#pragma unroll
+                for (int i = 0; i < G; ++i)
+                    if (i < n) *reinterpret_cast<T*>(smem + (row - sbase) + (c[i] / 8) * 128 + (c[i] % 8) * 2) = one;
+            }
+            fence_proxy_async();
         }
-        // F^T zeroed here, its ones set by the producer after the barrier.
-        for (int i = tid; i < Tr::kFBytes / 16; i += kHThreads) st_shared_v4(sbase + Tr::kOffF + 16 * i, 0, 0, 0, 0);
     }
     __syncthreads();
+    htl_stamp<kAblate>(7);
+    htl_stamp<kAblate>(11, 0);
 
     if (wg == 0) {
         // ================= producer =================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::kProducerRegs));
-        auto stage_k = [&](int s) { return sbase + Tr::kOffStage + s * Tr::kStageBytes; };
-        auto stage_v = [&](int s) { return stage_k(s) + Tr::kKBytes; };
         // Producer thread 0 issues every copy (TMA); before V's it fences, since
         // the stage was last read through the generic proxy (raw Q, D = 128;
         // the raw-K buffers are read by wgmma only).
         const bool leader = lt == 0;
-
         if constexpr (Tr::kFused) {
+            if (leader) issue_early();
+            htl_stamp<kAblate>(12, 0);
             // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; raw buffer i):
-            // Khat = K F on the tensor cores (wgmma m64nKWk16, A = the raw K
-            // half tile as TMA lands it, K-major 128-byte swizzle like G = 1's
-            // K; B = F^T, K-major), the f32 accumulators (exact sums of the
-            // group's G values, zeros elsewhere) rounded once to T and stored
-            // by stmatrix as rows i*64.. of the stage's K-major Khat tile (no
-            // swizzle, the layout of Qhat), which the consumers read as G = 1
-            // reads K.
-            const uint32_t kraw = sbase + Tr::kOffKraw, fmat = sbase + Tr::kOffF;
-            auto load_kraw = [&](int half) {   // leader only
-                const uint32_t bar = bar_kraw + 8 * (half & 1);
-                if constexpr (kAblate & 2) {
-                    mbar_arrive(bar);
-                } else {
-                    mbar_arrive_expect_tx(bar, Tr::kHalfBytes);
-                    tma_tile<D, HN>(kraw + (half & 1) * Tr::kHalfBytes, maps.k, half * HN, hk, b, bar);
-                }
-            };
-            {
-                // F^T[t][c] = 1 for the D plan entries (t = j / G, c = sigma(j)).
-                const T one = Nm::from_float(1.f);
-                for (int j = lt; j < D; j += 128) {
-                    const int c = (int)(s_off[j] / 2), t = j / G;
-                    *reinterpret_cast<T*>(smem + Tr::kOffF + (c / 8) * 128 + (t / 8) * (16 * D) + (t % 8) * 16 +
-                                          (c % 8) * 2) = one;
-                }
-                fence_proxy_async();
-                named_bar(1, 128);
-            }
+            // Khat = K F_K on the tensor cores (fuse_gemm: A = the raw K half
+            // tile as TMA lands it), rounded once to T and stored as rows
+            // i*64.. of the stage's K-major Khat tile (store_fused: no swizzle,
+            // the layout of Qhat), which the consumers read as G = 1 reads K.
             constexpr int KW = Tr::KW;
-            const uint64_t desc_f = make_desc(fmat, 128, 16 * D);
+            const uint32_t kraw = sbase + Tr::kOffKraw, fmat = sbase + Tr::kOffF;
             auto kgemm = [&](float (&acc)[KW / 2], int half) {
-                const uint64_t desc_k = make_desc(kraw + half * Tr::kHalfBytes, 16, 1024, 1);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    const uint64_t da_ = desc_k + (((kk / 4) * (HN * 128) + (kk % 4) * 32) >> 4);
-                    const uint64_t db_ = desc_f + ((kk * 256) >> 4);
-                    if (kk == 0) Wgmma<KW, kBf16>::ss_first(acc, da_, db_);
-                    else Wgmma<KW, kBf16>::ss(acc, da_, db_, 1);
-                }
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(acc);
+                fuse_gemm<D, KW, kBf16>(acc, kraw + half * Tr::kHalfBytes, fmat);
             };
-            // Thread (warp w, lane l) holds rows 16w + l/4 + 8r, columns 8nt + 2(l%4) + e
-            // of the half tile's Khat (acc[4nt + 2r + e]); stmatrix.x4 writes the
-            // 8x8 blocks (r, nt), (r, nt + 1) for r = 0, 1; lane l addresses row
-            // l % 8 of block l / 8.
-            const int warp = lt / 32, lane = lt % 32;
-            const uint32_t st_off = (uint32_t)((lane / 16) * 128 + (2 * warp + (lane / 8) % 2) * (16 * KW) + (lane % 8) * 16);
             auto store_khat = [&](const float (&acc)[KW / 2], int half, int s) {
-                const uint32_t dst = stage_k(s) + half * (8 * 16 * KW) + st_off;
-#pragma unroll
-                for (int nt = 0; nt < KW / 8; nt += 2) {
-                    const uint32_t r0 = Nm::pack(acc[4 * nt], acc[4 * nt + 1]);
-                    const uint32_t r1 = Nm::pack(acc[4 * nt + 2], acc[4 * nt + 3]);
-                    const uint32_t r2 = Nm::pack(acc[4 * nt + 4], acc[4 * nt + 5]);
-                    const uint32_t r3 = Nm::pack(acc[4 * nt + 6], acc[4 * nt + 7]);
-                    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + nt * 128),
-                                 "r"(r0), "r"(r1), "r"(r2), "r"(r3)
-                                 : "memory");
-                }
+                store_fused<Nm, KW>(acc, stage_k(s) + half * (8 * 16 * KW), lt);
             };
             // Raw K is prefetched two half tiles ahead (its copies tracked by
-            // kraw[i]); V_j's copies hold full[s] open by themselves, so the
-            // producer never waits for V. Per half tile i of tile j: wait for
-            // raw K, the K GEMM, one barrier (every warp's wgmma has read the
-            // raw buffer), issue the raw half two ahead, store Khat.
-            if (leader && n_tiles > 0) {
-                load_kraw(0);
-                load_kraw(1);
-            }
+            // kraw[i]; tile 0's were issued at launch); V_j's copies hold
+            // full[s] open by themselves, so the producer never waits for V.
+            // Per half tile i of tile j: wait for raw K, the K GEMM, one
+            // barrier (every warp's wgmma has read the raw buffer), issue the
+            // raw half two ahead, store Khat.
             constexpr bool kProf = kAblate & 16;
             HClock<kProf> c_all, c_kraw, c_gemm, c_empty, c_store;
             c_all.start();
@@ -272,13 +340,14 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     c_kraw.start();
                     mbar_wait(bar_kraw + 8 * half, j & 1);
                     c_kraw.stop();
+                    if (j == 0 && half == 0) htl_stamp<kAblate>(14, 0);
                     c_gemm.start();
                     float acc[KW / 2];
                     if constexpr (!(kAblate & 1)) kgemm(acc, half);
                     named_bar(1, 128);
                     c_gemm.stop();
                     if (leader && j + 1 < n_tiles) load_kraw(2 * (j + 1) + half);
-                    if (half == 0) {
+                    if (half == 0 && j >= n_early) {
                         c_empty.start();
                         if (j >= S) mbar_wait(bar_empty + 8 * s, ((j / S) + 1) & 1);
                         // The last stage holds raw Q until the consumers' Qhat builds are done.
@@ -296,6 +365,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                 }
                 fence_proxy_async();
                 mbar_arrive(bar_full + 8 * s);
+                if (j == 0) htl_stamp<kAblate>(15, 0);
             }
             c_all.stop();
             c_all.flush(0, lt == 0);
@@ -335,58 +405,28 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         const int cw = wg - 1;                 // consumer index: rows [cw*64, cw*64+64) of the block
         const int warp = lt / 32, lane = lt % 32;
         const int r0 = m0 + cw * Tr::WM;
-        const T* qg = static_cast<const T*>(p.q) + (long long)b * p.q_batch_stride + (long long)h * p.q_head_stride;
-        const long long qs = p.q_row_stride;
         const uint32_t q_op = sbase + Tr::kOffQ + cw * Tr::WM * KC * 2;   // this warpgroup's S operand A
 
         if constexpr (!Tr::kFused) {
-            load_sw128<D, Tr::WM>(q_op, qg + (long long)r0 * qs, qs, n_q - r0, lt);
-            cp_async_commit();
+            load_q(q_op, r0);
             cp_async_wait_all();
             fence_proxy_async();
             named_bar(2 + cw, 128);
         } else {
-            // Raw Q rows (padded), then Qhat[m][t] (Mean: average of the
-            // group's columns; Sample: the first in plan order), rounded to T.
-            unsigned char* qraw = smem + Tr::kOffQraw + cw * Tr::WM * Tr::kPitchQraw;
-            constexpr int kIters = Tr::WM * D / 8 / 128;
-#pragma unroll 4
-            for (int it = 0; it < kIters; ++it) {
-                const int idx = it * 128 + lt;
-                const int row = idx / (D / 8), c = idx % (D / 8);
-                const bool ok = r0 + row < n_q;
-                cp_async16(smem_addr(qraw) + row * Tr::kPitchQraw + c * 16,
-                           ok ? qg + (long long)(r0 + row) * qs + c * 8 : qg, ok);
-            }
-            cp_async_commit();
+            // Raw Q (copied before the barrier), then Qhat = Q F_Q on the
+            // tensor cores (Mean: the average of the group's columns; Sample:
+            // its first in plan order), rounded once to T, as this
+            // warpgroup's rows of the S operand.
             cp_async_wait_all();
-            named_bar(2 + cw, 128);
-            for (int idx = lt; idx < Tr::WM * (KC / 8); idx += 128) {
-                const int row = idx % Tr::WM, tb = idx / Tr::WM;
-                const unsigned char* qrow = qraw + row * Tr::kPitchQraw;
-                uint16_t out[8];
-#pragma unroll
-                for (int u = 0; u < 8; ++u) {
-                    const int t = tb * 8 + u;
-                    float x = 0.f;
-                    if (t < DG) {
-                        if (p.sample) {
-                            x = Nm::to_float(*reinterpret_cast<const T*>(qrow + s_off[t * G]));
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < G; ++i)
-                                x += Nm::to_float(*reinterpret_cast<const T*>(qrow + s_off[t * G + i]));
-                            x *= 1.f / G;
-                        }
-                    }
-                    const T v = Nm::from_float(x);
-                    out[u] = *reinterpret_cast<const uint16_t*>(&v);
-                }
-                st_shared_v4(q_op + tb * 128 + (row / 8) * (16 * KC) + (row % 8) * 16, pack_raw(out[0], out[1]),
-                             pack_raw(out[2], out[3]), pack_raw(out[4], out[5]), pack_raw(out[6], out[7]));
-            }
             fence_proxy_async();
             named_bar(2 + cw, 128);
+            htl_stamp<kAblate>(8);
+            float acc[Tr::KW / 2];
+            fuse_gemm<D, Tr::KW, kBf16>(acc, sbase + Tr::kOffQraw + cw * Tr::WM * D * 2, sbase + Tr::kOffFq);
+            store_fused<Nm, Tr::KW>(acc, q_op, lt);
+            fence_proxy_async();
+            named_bar(2 + cw, 128);
+            htl_stamp<kAblate>(9);
             // Raw Q is read: the producer may fill the last stage (it waits at tile S - 1).
             if (Tr::kQrawAlias && n_tiles >= S) named_bar_arrive(4, kHThreads);
         }
@@ -507,12 +547,14 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
             c_full.start();
             mbar_wait(bar_full, 0);
             c_full.stop();
+            htl_stamp<kAblate>(10);
             float acc_s[BN / 2], corr_r[2];
             wgmma_fence();
             issue_s(acc_s, sbase + Tr::kOffStage);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc_s);
+            htl_stamp<kAblate>(1);
             softmax(acc_s, 0, corr_r);
             rescale_pack(acc_s, corr_r);
         }
@@ -545,6 +587,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
             fence_regs(acc_o);
             if (lane == 0) mbar_arrive(bar_empty + 8 * ((n_tiles - 1) % S));
         }
+        htl_stamp<kAblate>(2);
         c_all.stop();
         c_all.flush(5, tid == 128);
         c_full.flush(6, tid == 128);
@@ -583,6 +626,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                 }
             }
         }
+        htl_stamp<kAblate>(3);
     }
 }
 #endif  // DA_HOPPER

@@ -15,5 +15,6 @@ done
 for D in 128 64; do
     echo "== D=$D time"; timeout 240 /tmp/hst/hstage_d$D time 2>&1 | tee "$out/time_d$D.log"
     echo "== D=$D prof"; timeout 60 /tmp/hst/hstage_d$D prof 2>&1 | tee "$out/prof_d$D.log"
+    echo "== D=$D timeline"; timeout 60 /tmp/hst/hstage_d$D timeline 2>&1 | tee "$out/timeline_d$D.log"
 done
 exit $st

@@ -10,9 +10,11 @@
 //   ./hstage check       # new against v2 on small cases with tails (G = 1, 2, 4, 8)
 //   ./hstage time        # new vs old vs mid per (G, kAblate), interleaved launches; TFLOP/s
 //   ./hstage prof        # new's cycle counters (kAblate bit 4) per tile
+//   ./hstage timeline    # new's per-CTA timeline (kAblate bit 5): prologue, loop, epilogue, gaps
 //
 // kAblate (see hfwd_body): bit 0 no Khat build (stale Khat), bit 1
-// no raw-K loads, bit 2 no softmax (P = S), bit 4 (new only) cycle counters.
+// no raw-K loads, bit 2 no softmax (P = S), bit 4 (new only) cycle counters,
+// bit 5 (new only) the timeline.
 // Versions ignore bits they lack. Ablated outputs (bits 0-2) are meaningless.
 #include <algorithm>
 #include <cmath>
@@ -45,6 +47,7 @@ bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cuda
 namespace hs_new {
 bool launch(int g, int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cudaStream_t st);
 bool prof(unsigned long long* out, bool reset);
+bool timeline(unsigned long long* words);
 }
 using LaunchFn = bool (*)(int, int, const FwdParams&, const HTmaMaps&, dim3, cudaStream_t);
 __global__ void fill(T* x, size_t n, uint32_t seed) {
@@ -188,6 +191,60 @@ static void row_prof(const char* what, int g, int x, const Problem& pr) {
            c[5] / tiles, c[6] / tiles);
 }
 
+// new's timeline (kAblate 32): per CTA the %globaltimer stamps at entry,
+// tile 0 ready, loop done and epilogue done (consumer thread 128), its SM and
+// clock64 at entry and end. Printed: the kernel's span, per CTA the mean
+// prologue / loop / epilogue, the mean gap on an SM between one CTA's end and
+// the next CTA's entry, the busy fraction of the SMs, and the SM clock.
+static void row_timeline(const char* what, int g, const Problem& pr) {
+    const size_t ncta = (size_t)pr.p.num_blocks * pr.H * pr.B;
+    unsigned long long* dev;
+    CK(cudaMalloc(&dev, ncta * 16 * sizeof(unsigned long long)));
+    CK(cudaMemset(dev, 0, ncta * 16 * sizeof(unsigned long long)));
+    hs_new::timeline(dev);
+    launch(hs_new::launch, g, 32, pr);   // warm-up (module, clocks)
+    launch(hs_new::launch, g, 32, pr);
+    CK(cudaDeviceSynchronize());
+    std::vector<unsigned long long> w(ncta * 16);
+    CK(cudaMemcpy(w.data(), dev, w.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+    CK(cudaFree(dev));
+    unsigned long long t_min = ~0ull, t_max = 0;
+    double pro = 0, loop = 0, epi = 0, busy = 0, clk = 0, ns = 0, step[16] = {};
+    size_t nstep[16] = {};
+    std::vector<std::vector<std::pair<unsigned long long, unsigned long long>>> per_sm(1024);
+    for (size_t c = 0; c < ncta; ++c) {
+        const unsigned long long* x = &w[16 * c];
+        for (int i = 7; i < 16; ++i)
+            if (x[i]) step[i] += (double)(x[i] - x[0]), ++nstep[i];
+        t_min = std::min(t_min, x[0]);
+        t_max = std::max(t_max, x[3]);
+        pro += (double)(x[1] - x[0]), loop += (double)(x[2] - x[1]), epi += (double)(x[3] - x[2]);
+        busy += (double)(x[3] - x[0]);
+        clk += (double)(x[6] - x[5]), ns += (double)(x[3] - x[0]);
+        per_sm[x[4] % 1024].push_back({x[0], x[3]});
+    }
+    double gap = 0;
+    size_t ngap = 0, nsm = 0;
+    for (auto& v : per_sm) {
+        if (v.empty()) continue;
+        ++nsm;
+        std::sort(v.begin(), v.end());
+        for (size_t i = 1; i < v.size(); ++i)
+            if (v[i].first >= v[i - 1].second) gap += (double)(v[i].first - v[i - 1].second), ++ngap;
+    }
+    const double span = (double)(t_max - t_min);
+    printf("%-14s D=%d G=%d causal=%d  span %7.3f ms, %zu CTAs on %zu SMs | per CTA us: prologue %6.2f loop %7.2f "
+           "epilogue %5.2f gap %5.2f | SMs busy %4.1f%% | SM clock %.3f GHz\n",
+           what, D, g, (int)pr.causal, span / 1e6, ncta, nsm, pro / ncta / 1e3, loop / ncta / 1e3, epi / ncta / 1e3,
+           ngap ? gap / ngap / 1e3 : 0.0, 100.0 * busy / (span * nsm), clk / ns);
+    static const char* names[16] = {"", "", "", "", "", "", "", "C barrier", "C raw Q", "C Qhat", "C full[0]",
+                                    "P barrier", "P early copies", "P F built", "P raw K 0", "P full[0] arrive"};
+    printf("    prologue steps, us after entry (C consumer thread 128, P producer thread 0):");
+    for (int i = 7; i < 16; ++i)
+        if (nstep[i]) printf(" %s %.2f;", names[i], step[i] / nstep[i] / 1e3);
+    printf("\n");
+}
+
 // Small cases with key tails and causal masking, for dump/check.
 struct Case {
     int B, H, N;
@@ -253,7 +310,11 @@ int main(int argc, char** argv) {
     }
     for (int causal = 0; causal < 2; ++causal) {
         Problem pr = make(16, H, 4096, causal, 7);
-        if (mode == "prof") {
+        if (mode == "timeline") {
+            row_timeline("G=1", 1, pr);
+            row_timeline("G=2", 2, pr);
+            row_timeline("G=4", 4, pr);
+        } else if (mode == "prof") {
             row_prof("G=1", 1, 0, pr);
             row_prof("G=2", 2, 0, pr);
             row_prof("G=2 no softmax", 2, 4, pr);

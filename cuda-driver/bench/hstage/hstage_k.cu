@@ -47,6 +47,9 @@ static bool launch_g(int x, const FwdParams& p, const HTmaMaps& m, dim3 grid, cu
         case 7: launch_t<G, 7>(p, m, grid, st); return true;
         case 16: launch_t<G, 16>(p, m, grid, st); return true;
         case 20: launch_t<G, 20>(p, m, grid, st); return true;
+#if HS_PROF
+        case 32: launch_t<G, 32>(p, m, grid, st); return true;
+#endif
         default: return false;
     }
 }
@@ -73,6 +76,16 @@ bool prof(unsigned long long* out, bool reset) {
     return true;
 #else
     (void)out, (void)reset;
+    return false;
+#endif
+}
+// Points kAblate bit 5's timeline at `words` (8 per CTA; versions with htl only).
+bool timeline(unsigned long long* words) {
+#if HS_PROF
+    CK(cudaMemcpyToSymbol(da::htl, &words, sizeof(words)));
+    return true;
+#else
+    (void)words;
     return false;
 #endif
 }
