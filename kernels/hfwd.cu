@@ -236,10 +236,10 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         }
     };
     // G > 1: the copies of the first tiles depend on nothing but the launch:
-    // the producer's thread 0 issues them first thing after the block
-    // barrier, before any Khat work (raw K of tile 0, V of the tiles whose
-    // stages are free at launch, i.e. not the stage raw Q aliases). G = 1's
-    // producer issues its copies in that order anyway.
+    // thread 0 issues them right after the barriers' init, while the other
+    // threads load the plan and build F before the block barrier (raw K of
+    // tile 0, V of the tiles whose stages are free at launch, i.e. not the
+    // stage raw Q aliases). G = 1 issues its copies after the barrier.
     const int n_early = Tr::kFused ? min(n_tiles, Tr::kQrawAlias ? S - 1 : S) : 0;
     auto issue_early = [&]() {
         if (n_tiles > 0) {
@@ -263,6 +263,7 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         mbar_init(bar_kraw + 8, 1);
         *reinterpret_cast<uint32_t*>(smem + Tr::kOffZero) = 0u;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        if constexpr (Tr::kFused) issue_early();
     }
     // Consumer warpgroup cw's 64 query rows (from r0 = m0 + 64 cw) into `dst`
     // (128-byte swizzle): G = 1 its S operand, loaded after the barrier; G > 1
@@ -274,11 +275,11 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
     };
     if constexpr (Tr::kFused) {
         if (wg > 0) load_q(sbase + Tr::kOffQraw + (wg - 1) * Tr::WM * D * 2, m0 + (wg - 1) * Tr::WM);
-        // F_K^T (row t by thread t) and F_Q^T (row t by thread 128 + t), each
-        // row zeroed and then given its group's entries. Plan entries are
+        // F_K^T (row t by thread 1 + t) and F_Q^T (row t by thread 128 + t),
+        // each row zeroed and then given its group's entries. Plan entries are
         // clamped: a corrupt plan gives wrong numbers, never a stray access.
-        const int t = tid % 128;
-        if (t < Tr::KW && wg < 2) {
+        const int t = wg == 0 ? tid - 1 : tid - 128;
+        if (t >= 0 && t < Tr::KW && wg < 2) {
             const bool for_q = wg == 1;
             const uint32_t row = sbase + (for_q ? Tr::kOffFq : Tr::kOffF) + (t / 8) * (16 * D) + (t % 8) * 16;
             const uint16_t* perm = p.plan + (((long long)b * p.q_heads + h) * nblk + mblk) * D + t * G;
@@ -309,8 +310,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         // the raw-K buffers are read by wgmma only).
         const bool leader = lt == 0;
         if constexpr (Tr::kFused) {
-            if (leader) issue_early();
-            htl_stamp<kAblate>(12, 0);
             // G > 1, per half tile of 64 keys (i = 0, 1 of tile j; raw buffer i):
             // Khat = K F_K on the tensor cores (fuse_gemm: A = the raw K half
             // tile as TMA lands it), rounded once to T and stored as rows
@@ -593,23 +592,71 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
         c_full.flush(6, tid == 128);
 
         // ---- epilogue ----
+        float inv[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float l = row_l[r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            inv[r] = l > 0.f ? 1.f / l : 0.f;
             const int i = row_base + 8 * r;
-            if (i < n_q) {
-                const long long off =
-                    (long long)b * p.o_batch_stride + (long long)i * p.o_row_stride + (long long)h * p.o_head_stride;
+            if (i < n_q && p.lse != nullptr && lane % 4 == 0) {
+                p.lse[((long long)b * p.q_heads + h) * n_q + i] =
+                    l > 0.f ? (row_m[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+            }
+        }
+        const long long o_head = (long long)b * p.o_batch_stride + (long long)h * p.o_head_stride;
+        // A T output whose rows start on 16-byte boundaries leaves in whole
+        // 16-byte chunks: the warpgroup's 64 x D tile, rounded to T, is staged
+        // by stmatrix in a buffer nothing reads any more (G = 1 its Q operand,
+        // G > 1 raw-K buffer cw), row r's chunk j at r*2D + ((j ^ r%8) * 16)
+        // (conflict-free both ways), then copied out row by row: a quarter of
+        // the store instructions of the per-fragment stores below, whole
+        // 32-byte sectors.
+        const bool chunked = !p.out_f32 && (reinterpret_cast<uintptr_t>(p.o) % 16 == 0) &&
+                             ((p.o_row_stride | p.o_batch_stride | p.o_head_stride) % 8 == 0);
+        if (chunked) {
+            const uint32_t buf = Tr::kFused ? sbase + Tr::kOffKraw + cw * Tr::kHalfBytes : q_op;
+            // Lane l addresses row l % 8 of the 8x8 blocks (r, dt), (r, dt + 1), r = l / 8 % 2.
+            const int srow = warp * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                const uint32_t addr = buf + srow * (2 * D) + (((dt + lane / 16) ^ (srow % 8)) * 16);
+                const uint32_t x0 = Nm::pack(acc_o[4 * dt] * inv[0], acc_o[4 * dt + 1] * inv[0]);
+                const uint32_t x1 = Nm::pack(acc_o[4 * dt + 2] * inv[1], acc_o[4 * dt + 3] * inv[1]);
+                const uint32_t x2 = Nm::pack(acc_o[4 * dt + 4] * inv[0], acc_o[4 * dt + 5] * inv[0]);
+                const uint32_t x3 = Nm::pack(acc_o[4 * dt + 6] * inv[1], acc_o[4 * dt + 7] * inv[1]);
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(x0),
+                             "r"(x1), "r"(x2), "r"(x3)
+                             : "memory");
+            }
+            named_bar(2 + cw, 128);
+            T* o = static_cast<T*>(p.o) + o_head;
+#pragma unroll
+            for (int it = 0; it < Tr::WM * (D / 8) / 128; ++it) {
+                const int idx = it * 128 + lt;
+                const int row = idx / (D / 8), ch = idx % (D / 8);
+                if (r0 + row < n_q) {
+                    uint4 v;
+                    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                                 : "r"(buf + row * (2 * D) + ((ch ^ (row % 8)) * 16)));
+                    *reinterpret_cast<uint4*>(o + (long long)(r0 + row) * p.o_row_stride + ch * 8) = v;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = row_base + 8 * r;
+                if (i >= n_q) continue;
+                const long long off = o_head + (long long)i * p.o_row_stride;
                 if (p.out_f32) {
                     float* o = static_cast<float*>(p.o) + off;
 #pragma unroll
                     for (int dt = 0; dt < D / 8; ++dt) {
                         const int d = dt * 8 + (lane % 4) * 2;
                         *reinterpret_cast<float2*>(o + d) =
-                            make_float2(acc_o[dt * 4 + 2 * r] * inv, acc_o[dt * 4 + 2 * r + 1] * inv);
+                            make_float2(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
                     }
                 } else {
                     T* o = static_cast<T*>(p.o) + off;
@@ -617,12 +664,8 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
                     for (int dt = 0; dt < D / 8; ++dt) {
                         const int d = dt * 8 + (lane % 4) * 2;
                         *reinterpret_cast<uint32_t*>(o + d) =
-                            Nm::pack(acc_o[dt * 4 + 2 * r] * inv, acc_o[dt * 4 + 2 * r + 1] * inv);
+                            Nm::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
                     }
-                }
-                if (p.lse != nullptr && lane % 4 == 0) {
-                    p.lse[((long long)b * p.q_heads + h) * n_q + i] =
-                        l > 0.f ? (row_m[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
                 }
             }
         }
