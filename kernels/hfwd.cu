@@ -9,21 +9,25 @@
 //       by TMA (descriptors from the engine: HTmaMaps, common.cuh); G = 1: K
 //       lands straight in the wgmma layout; G > 1: raw K lands, in half tiles
 //       of 64 keys prefetched two ahead, in the same swizzled layout, and the
-//       warpgroup computes Khat = K F on the tensor cores (F: the plan's D x d/G
-//       0/1 fusion matrix, built once per CTA), rounds the f32 sums once to T
-//       and stores Khat K-major (stmatrix), the layout of Qhat.
+//       warpgroup computes Khat = K F_K on the tensor cores (F_K: the plan's
+//       D x d/G 0/1 fusion matrix, built once per CTA before the block
+//       barrier), rounds the f32 sums once to T and stores Khat K-major
+//       (stmatrix), the layout of Qhat.
 //   warpgroups 1, 2, consumers of 64 query rows each (the same plan: the
-//       CTA's 128 rows are one plan block): S = Qhat Khat^T (wgmma, both
-//       operands in shared memory), mask, online softmax (f32, base 2),
-//       O += P V (wgmma, P from registers, V transposed from shared memory);
-//       the softmax of tile j runs while P_{j-1} V_{j-1} is in the tensor pipe.
+//       CTA's 128 rows are one plan block): G > 1 first Qhat = Q F_Q on the
+//       tensor cores (F_Q: 1/G or, for Sample, the group's first column);
+//       then per tile S = Qhat Khat^T (wgmma, both operands in shared
+//       memory), mask, online softmax (f32, base 2), O += P V (wgmma, P from
+//       registers, V transposed from shared memory); the softmax of tile j
+//       runs while P_{j-1} V_{j-1} is in the tensor pipe. O leaves through
+//       shared memory in 16-byte chunks where its rows are 16-byte aligned.
 // Stages (3 or 4, HTraits::S): full[s] (producer -> consumers: the TMA bytes
 // of the stage plus, for G > 1, 128 producer arrivals after Khat was written
 // and fenced with fence.proxy.async), empty[s] (consumers -> producer: one
 // arrival per consumer warp after its wgmma reads finished).
 //
 // Shared-memory operands:
-//   Tiles loaded from global memory (Q for G = 1, K, V) use the
+//   Tiles loaded from global memory (Q, K, V) use the
 //   128-byte-swizzle layouts, one region per 64 columns: row r's 16-byte
 //   chunk j of a region sits at r*128 + ((j ^ (r%8)) * 16) (TMA's 128-byte
 //   swizzle of 64 x 64 boxes; Q by cp.async, whole 128-byte rows per warp).
