@@ -24,9 +24,9 @@
 //              [key][query] (MN-major A), B = Khat [key][t] (MN-major),
 //              k = this consumer's 64 keys; stored to shared memory in the
 //              accumulator's tile layout (bwd_params.cuh, dq_acc_index) and
-//              added to it by one bulk reduction (cp.reduce.async.bulk, TMA)
-//              per 64 columns (both consumers add their part) while dV and
-//              dK run:
+//              added to it by bulk reductions (cp.reduce.async.bulk, TMA):
+//              one per warp (its 16 rows) and 64 columns; both consumers add
+//              their part, while dV and dK run:
 //       dV  += P^T dO         wgmma m64nD, A = P^T from registers, B = dO MN-major
 //       dK  += dS^T Qtilde    wgmma m64nD, A = dS^T from registers
 // Each CTA walks its query tiles from a rotated start (2 blockIdx.x tiles).
@@ -77,7 +77,7 @@ struct HbTraits {
     // dQhat part of each consumer, f32: KW / 64 panels of [BM][64], the
     // accumulator's tile layout (bwd_params.cuh, dq_acc_index: 8-float chunks
     // XOR-swizzled by row % 8, so the 8-byte stores are conflict-free per half
-    // warp); one bulk reduction per panel adds it to the accumulator.
+    // warp); bulk reductions (one per warp and panel) add it to the accumulator.
     static constexpr int kDqBytes = BM * KW * 4;
     static constexpr int kOffDQ = kOffDS + 2 * WN * BM * 2;
     static constexpr int kOffStage = kOffDQ + 2 * kDqBytes;
@@ -377,16 +377,16 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                                  : "memory");
             }
             fence_proxy_async();
-            // The previous item's bulk reductions have read the dQhat buffer
-            // (thread 0 issued them; the barrier passes that on).
-            if (lt == 0) bulk_wait_read();
+            // The previous item's bulk reductions have read this warp's rows of
+            // the dQhat buffer (its lane 0 issued them; the barrier passes that on).
+            if (lane == 0) bulk_wait_read();
             named_bar(1 + cw, 128);   // dS^T of all four warps written
 
             // ---- dQhat part = dS Khat over this warpgroup's keys (64 columns per
             // chunk), then dV += P^T dO, dK += dS^T Qtilde (k = BM queries): the
-            // first chunk is stored to shared memory while dV and dK are in the
-            // tensor pipe; warp 0 then adds the part to the f32 accumulator by
-            // one bulk reduction per row ----
+            // first chunk is stored to shared memory and added to the f32
+            // accumulator (a bulk reduction per warp) while dV and dK are in the
+            // tensor pipe ----
             auto issue_dq = [&](float (&acc_q)[32], int c) {
                 // B: Khat [key][t] (one region) or K rows kl0.. of region c.
                 const uint32_t kb = Tr::kFused ? k_a : sbase + Tr::kOffK + c * (BN * 128) + kl0 * 128;
@@ -409,17 +409,20 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                             make_float2(acc_q[nt * 4 + 2 * r], acc_q[nt * 4 + 2 * r + 1]);
                 }
             };
-            // Panel c (columns 64c..) of the part is in shared memory: thread 0 adds
-            // its first v rows (those inside the sequence) to the accumulator's
-            // panel, one contiguous range. (The barrier also keeps ptxas from
-            // holding chunk 0 across chunk 1's wgmma.)
+            // This warp's 16 rows of panel c (columns 64c..) are in shared memory:
+            // its lane 0 adds those inside the sequence to the accumulator's
+            // panel, one contiguous range. (No warpgroup barrier: the warps'
+            // rows are disjoint.)
             auto flush_dq = [&](int c) {
                 fence_proxy_async();
-                named_bar(1 + cw, 128);
-                if (lt == 0) {
-                    const int v = min(BM, n_q - m0);
-                    const long long panel = ((((long long)b * p.q_heads + h) * n_q + m0) * D + (long long)c * v * 64);
-                    bulk_reduce_add_f32(p.dq_acc + panel, dq_s + c * (BM * 256), v * 256);
+                __syncwarp();
+                if (lane == 0) {
+                    const int v = min(BM, n_q - m0), rows = min(16, v - warp * 16);
+                    if (rows > 0) {
+                        const long long panel = (((long long)b * p.q_heads + h) * n_q + m0) * D + (long long)c * v * 64 +
+                                                warp * 16 * 64;
+                        bulk_reduce_add_f32(p.dq_acc + panel, dq_s + c * (BM * 256) + warp * 16 * 256, rows * 256);
+                    }
                     bulk_commit();
                 }
             };
@@ -463,7 +466,7 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
             }
         }
         // The reductions have completed before the CTA's shared memory goes.
-        if (lt == 0) bulk_wait_all();
+        if (lane == 0) bulk_wait_all();
 
         // ---- epilogue: dK (times scale) and dV (added to when an earlier launch wrote them) ----
         const float scale = p.scale;
