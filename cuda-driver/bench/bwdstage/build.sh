@@ -5,7 +5,7 @@
 #   old_noatom  the same without the dQhat atomics (wrong dQ: timing only;
 #               a version before the bulk reductions, OLD=f8d9ead)
 #   new         kernels/hbwd.cu and bwd.cu as checked out
-#   alt         the file $ALT as hbwd.cu, with bwd.cu as checked out (if ALT is set)
+#   NAME        for each NAME=FILE in $ALT: FILE as hbwd.cu, with bwd.cu as checked out
 # Then on the GPU machine: bash cuda-driver/bench/bwdstage/device.sh (DEV = the same folder).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
@@ -25,12 +25,12 @@ if grep -q "if (t < DG) red_add2(" "$tmp/old.cu"; then
 fi
 cp kernels/hbwd.cu "$tmp/new.cu"
 cp kernels/bwd.cu "$tmp/new_bwd.cu"
-# ALT=file: one more version ("alt"), that hbwd.cu with the checked-out bwd.cu.
-if [ -n "${ALT:-}" ]; then
-    cp "$ALT" "$tmp/alt.cu"
-    cp kernels/bwd.cu "$tmp/alt_bwd.cu"
-    vs="$vs alt"
-fi
+# ALT="name=file ...": more versions, those hbwd.cu files with the checked-out bwd.cu.
+for a in ${ALT:-}; do
+    cp "${a#*=}" "$tmp/${a%%=*}.cu"
+    cp kernels/bwd.cu "$tmp/${a%%=*}_bwd.cu"
+    vs="$vs ${a%%=*}"
+done
 flags="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DDA_DTYPE=bf16 -DDA_DTYPE_IS_BF16=1 -DDA_HEAD_DIM=128 -Ikernels"
 lib="$(dirname "$NVCC")/../lib"
 "$NVCC" -c $here/shadows.cpp -o "$tmp/shadows.o"

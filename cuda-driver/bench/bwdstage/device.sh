@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU machine: new (and alt, if built) against old element by element (dQ,
-# dK, dV of one G = 2 and one G = 1 backward), then the timings of every
-# version, interleaved; logs under $OUT.
+# GPU machine: each version but old* and *nobulk* against old element by
+# element (dQ, dK, dV of one G = 2 and one G = 1 backward), then the timings
+# of every version, interleaved; logs under $OUT.
 set -uo pipefail
 out="${OUT:-device-out}"; mkdir -p "$out" /tmp/bst
 dev="${DEV:-.devbin}"
@@ -9,8 +9,7 @@ for f in "$dev"/bst/*.xz; do xz -dc "$f" > /tmp/bst/$(basename "$f" .xz); done; 
 st=0
 for g in 2 1; do
     timeout 60 /tmp/bst/bwdstage_old dump $g /tmp/old.bin || st=1
-    for v in new alt; do
-        [ -x /tmp/bst/bwdstage_$v ] || continue
+    for v in $(ls /tmp/bst | sed 's/^bwdstage_//' | grep -v -e '^old' -e nobulk); do
         timeout 60 /tmp/bst/bwdstage_$v dump $g /tmp/$v.bin \
             && timeout 60 /tmp/bst/bwdstage_old cmp /tmp/$v.bin /tmp/old.bin > "$out/cmp_${v}_g$g.log" 2>&1 || st=1
         echo "$v G=$g: $(cat "$out/cmp_${v}_g$g.log" | tr '\n' ' ')"
