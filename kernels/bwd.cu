@@ -26,7 +26,8 @@
 //                          plan changes per query block, so dKhat cannot be
 //                          kept in registers in a fixed column order)
 //                   dQhat = dS Khat             (k = BN, d/G columns),
-//                          atomically added (f32) to a per-row accumulator.
+//                          atomically added (f32) to the accumulator
+//                          (tiles of 64 rows: bwd_params.cuh, dq_acc_index).
 //                 One barrier per query tile (dS^T and Khat^T double-buffered),
 //                 plus one when Khat^T is re-fused.
 //   da_bwd_dq     per query row: dQ from the accumulator through the fusion
@@ -499,14 +500,17 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
                         for (int e = 0; e < 4; ++e) acc_q[nt][e] += acc_q2[nt % (SPLIT == 2 ? NQT : 1)][e];
                 }
-                float* acc_row = p.dq_acc + (((long long)b * p.q_heads + h) * n_q + m0 + mw * 16 + g_row) * D;
+                const long long head_row0 = ((long long)b * p.q_heads + h) * n_q;
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    if (m0 + mw * 16 + g_row + 8 * r < n_q) {
+                    const int i = m0 + mw * 16 + g_row + 8 * r;
+                    if (i < n_q) {
 #pragma unroll
                         for (int nt = 0; nt < NQT; ++nt) {
-                            const int t = nw * NQ + nt * 8 + c2;
-                            if (t < DG) red_add2(acc_row + 8 * r * D + t, acc_q[nt][2 * r], acc_q[nt][2 * r + 1]);
+                            const int t = nw * NQ + nt * 8 + c2;   // even: t, t + 1 adjacent in the accumulator
+                            if (t < DG)
+                                red_add2(p.dq_acc + dq_acc_index(head_row0, i, t, DG, D, n_q), acc_q[nt][2 * r],
+                                         acc_q[nt][2 * r + 1]);
                         }
                     }
                 }
@@ -610,7 +614,10 @@ __device__ __forceinline__ void prep_body(const BwdRowParams& p) {
         for (int off = TPR / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         if (valid) {
             if (tr == 0) p.delta[row] = sum;
-            if (col < dg) *reinterpret_cast<float4*>(p.dq_acc + row * D + col) = make_float4(0.f, 0.f, 0.f, 0.f);
+            // Columns col..col+3 are adjacent in the accumulator (one 8-float chunk).
+            if (col < dg)
+                *reinterpret_cast<float4*>(p.dq_acc + dq_acc_index(row - i, i, col, dg, D, p.q_len)) =
+                    make_float4(0.f, 0.f, 0.f, 0.f);
             if (p.do_f32) {
                 const uint2 packed = make_uint2(Num<T>::pack(g0.x, g0.y), Num<T>::pack(g1.x, g1.y));
                 *reinterpret_cast<uint2*>(static_cast<T*>(p.do_conv) + row * D + col) = packed;
@@ -681,13 +688,15 @@ __device__ __forceinline__ void dq_body(const BwdRowParams& p) {
         const int i = blockIdx.x * kRowsPerCta + r;
         if (i >= p.q_len) break;
         const long long row = ((long long)b * p.q_heads + h) * p.q_len + i;
-        const float* acc = p.dq_acc + row * D;
+        const long long head_row0 = row - i;
         const long long od = (long long)b * p.dq_batch_stride + (long long)i * p.dq_row_stride +
                              (long long)h * p.dq_head_stride;
         float val[4];
         int dst[4];
+        // The thread's accumulator values: columns col / G .. (col + 3) / G, adjacent (one 8-float chunk).
+        const long long ai = dq_acc_index(head_row0, i, col / G, D / G, D, p.q_len);
         if (G == 1) {
-            const float4 a = *reinterpret_cast<const float4*>(acc + col);
+            const float4 a = *reinterpret_cast<const float4*>(p.dq_acc + ai);
             val[0] = a.x * p.scale;
             val[1] = a.y * p.scale;
             val[2] = a.z * p.scale;
@@ -695,13 +704,20 @@ __device__ __forceinline__ void dq_body(const BwdRowParams& p) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) dst[k] = col + k;
         } else {
+            float a[4];
+            if (G == 2) {
+                const float2 a2 = *reinterpret_cast<const float2*>(p.dq_acc + ai);
+                a[0] = a[1] = a2.x;
+                a[2] = a[3] = a2.y;
+            } else {
+                a[0] = a[1] = a[2] = a[3] = p.dq_acc[ai];
+            }
             // Position s of the plan holds column perm[s], of group s / G.
             const uint16_t* perm = p.plan + (((long long)b * p.q_heads + h) * p.num_blocks + i / p.block_rows) * D;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const int s = col + k;
-                const float a = acc[s / G];
-                val[k] = p.sample ? (s % G == 0 ? a * p.scale : 0.f) : a * mean;
+                val[k] = p.sample ? (s % G == 0 ? a[k] * p.scale : 0.f) : a[k] * mean;
                 dst[k] = min((int)perm[s], D - 1);
             }
         }

@@ -20,7 +20,7 @@ struct BwdParams {
     const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when G = 1
     const float* lse;     // dense [batch, q_heads, q_len], natural log
     const float* delta;   // dense [batch, q_heads, q_len]
-    float* dq_acc;        // [batch][q_heads][q_len][d], the first d/G columns used
+    float* dq_acc;        // [batch][q_heads][q_len][d] floats: dQhat in the layout of da::dq_acc_index
     void* dk;             // [batch, kv_len, kv_heads, d], f32 or the input type
     void* dv;
     long long q_batch_stride, q_row_stride, q_head_stride;
@@ -51,7 +51,7 @@ struct BwdRowParams {
     const void* d_out;    // same shape, f32 or the input type
     void* do_conv;        // dense [batch][q_heads][q_len][d] input type, written when do_f32
     float* delta;         // dense [batch, q_heads, q_len]
-    float* dq_acc;        // [batch][q_heads][q_len][d]
+    float* dq_acc;        // [batch][q_heads][q_len][d] floats: dQhat in the layout of da::dq_acc_index
     const uint16_t* plan; // [batch][q_heads][num_blocks][d]; unused when group == 1
     void* dq;             // [batch, q_len, q_heads, d], f32 or the input type
     long long q_batch_stride, q_row_stride, q_head_stride;
@@ -78,6 +78,22 @@ __device__ __forceinline__ void red_add2(float* addr, float a, float b) {
     atomicAdd(addr, a);
     atomicAdd(addr + 1, b);
 #endif
+}
+
+// Index of dQhat element (row i, column t < dg) of a head in the f32
+// accumulator (`dq_acc`, workspace), `head_row0` = (b * q_heads + h) * q_len.
+// A head's rows come in tiles of 64 (tile start m0 = i - i % 64, v = min(64,
+// q_len - m0) rows); a tile lives in the 64 * d floats from (head_row0 + m0) * d
+// as column panels of pw = min(dg, 64) columns, each panel v rows of pw floats
+// (row r = i % 64), the 8-float chunks of a row XOR-swizzled by r % 8 when
+// pw = 64. So a tile's panel is one contiguous range: hbwd.cu stages it in
+// shared memory without bank conflicts and adds it with one bulk reduction.
+__device__ __forceinline__ long long dq_acc_index(long long head_row0, int i, int t, int dg, int d, int q_len) {
+    // Panel t / pw and column t % pw: t >> 6 and t & 63 (t < dg, so both hold for dg < 64 too).
+    const int r = i & 63, m0 = i - r, v = min(64, q_len - m0);
+    const int pw = dg < 64 ? dg : 64, c = t >> 6, u = t & 63;
+    const int su = pw == 64 ? (u ^ ((r & 7) << 3)) : u;
+    return (head_row0 + m0) * d + (long long)c * v * pw + r * pw + su;
 }
 
 }  // namespace da

@@ -22,9 +22,11 @@
 //       P^T = exp2(S^T scale log2e - LSE log2e) (masked), dS^T = P^T (dP^T - Delta)
 //       dQhat_part = dS Khat  wgmma m64n64 (per 64 columns), A = dS^T stored
 //              [key][query] (MN-major A), B = Khat [key][t] (MN-major),
-//              k = this consumer's 64 keys; added to the f32 accumulator
-//              with red.global.add.v2.f32 (both consumers add their part)
-//              while dV and dK run:
+//              k = this consumer's 64 keys; stored to shared memory in the
+//              accumulator's tile layout (bwd_params.cuh, dq_acc_index) and
+//              added to it by bulk reductions (cp.reduce.async.bulk, TMA):
+//              one per warp (its 16 rows) and 64 columns; both consumers add
+//              their part, while dV and dK run:
 //       dV  += P^T dO         wgmma m64nD, A = P^T from registers, B = dO MN-major
 //       dK  += dS^T Qtilde    wgmma m64nD, A = dS^T from registers
 // Each CTA walks its query tiles from a rotated start (2 blockIdx.x tiles).
@@ -72,7 +74,13 @@ struct HbTraits {
     static constexpr int kOffK = kOffV + BN * D * 2;   // G = 1: K; G > 1: Khat [2][WN][KW]
     static constexpr int kKBytes = kFused ? 2 * WN * KW * 2 : BN * D * 2;
     static constexpr int kOffDS = kOffK + kKBytes;     // dS^T [2][WN keys][BM queries]
-    static constexpr int kOffStage = kOffDS + 2 * WN * BM * 2;
+    // dQhat part of each consumer, f32: KW / 64 panels of [BM][64], the
+    // accumulator's tile layout (bwd_params.cuh, dq_acc_index: 8-float chunks
+    // XOR-swizzled by row % 8, so the 8-byte stores are conflict-free per half
+    // warp); bulk reductions (one per warp and panel) add it to the accumulator.
+    static constexpr int kDqBytes = BM * KW * 4;
+    static constexpr int kOffDQ = kOffDS + 2 * WN * BM * 2;
+    static constexpr int kOffStage = kOffDQ + 2 * kDqBytes;
     // Stage: Q or Qtilde [BM][D], dO [BM][D], Qhat [BM][KW] (G > 1).
     static constexpr int kQBytes = BM * D * 2;
     static constexpr int kStageBytes = 2 * kQBytes + (kFused ? BM * KW * 2 : 0);
@@ -85,7 +93,8 @@ struct HbTraits {
     static constexpr int kOffKraw = kOffSmall + S * kSmallBytes;
     static constexpr int kSmem = kOffKraw + (kFused ? BN * kPitchKraw : 0);
     static_assert(S >= 2 && kSmem <= 227 * 1024, "shared memory");
-    static_assert(kOffK % 1024 == 0 && kOffDS % 1024 == 0 && kOffStage % 1024 == 0 && kStageBytes % 1024 == 0 &&
+    static_assert(kOffK % 1024 == 0 && kOffDS % 1024 == 0 && kOffDQ % 1024 == 0 && kDqBytes % 1024 == 0 &&
+                      kOffStage % 1024 == 0 && kStageBytes % 1024 == 0 &&
                       kQBytes % 1024 == 0 && kOffKraw % 16 == 0,
                   "swizzle atoms");
     static_assert(16 * S <= kOffV, "barriers");
@@ -108,7 +117,7 @@ template <typename T, int D, int G>
 __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
     using Tr = HbTraits<D, G>;
     using Nm = Num<T>;
-    constexpr int BM = Tr::BM, BN = Tr::BN, WN = Tr::WN, KW = Tr::KW, S = Tr::S, DG = Tr::DG;
+    constexpr int BM = Tr::BM, BN = Tr::BN, WN = Tr::WN, KW = Tr::KW, S = Tr::S;
     constexpr bool kBf16 = Nm::kBf16;
 
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -238,6 +247,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
         const uint32_t k_a = Tr::kFused ? sbase + Tr::kOffK + cw * (WN * KW * 2) : sbase + Tr::kOffK + kl0 * 128;
         constexpr int kKRows = Tr::kFused ? WN : BN;
         const uint32_t ds_t = sbase + Tr::kOffDS + cw * (WN * BM * 2);
+        const uint32_t dq_s = sbase + Tr::kOffDQ + cw * Tr::kDqBytes;
+        unsigned char* const dq_p = smem + Tr::kOffDQ + cw * Tr::kDqBytes;
         const float scale_log2 = p.scale_log2;
         constexpr float kLog2e = 1.4426950408889634f;
 
@@ -366,13 +377,16 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                                  : "memory");
             }
             fence_proxy_async();
+            // The previous item's bulk reductions have read this warp's rows of
+            // the dQhat buffer (its lane 0 issued them; the barrier passes that on).
+            if (lane == 0) bulk_wait_read();
             named_bar(1 + cw, 128);   // dS^T of all four warps written
 
             // ---- dQhat part = dS Khat over this warpgroup's keys (64 columns per
             // chunk), then dV += P^T dO, dK += dS^T Qtilde (k = BM queries): the
-            // first chunk's atomics run while dV and dK are in the tensor pipe ----
-            float* acc_row = p.dq_acc + (((long long)b * p.q_heads + h) * n_q + m0 + warp * 16 + lane / 4) * D;
-            const bool row_ok[2] = {m0 + warp * 16 + lane / 4 < n_q, m0 + warp * 16 + lane / 4 + 8 < n_q};
+            // first chunk is stored to shared memory and added to the f32
+            // accumulator (a bulk reduction per warp) while dV and dK are in the
+            // tensor pipe ----
             auto issue_dq = [&](float (&acc_q)[32], int c) {
                 // B: Khat [key][t] (one region) or K rows kl0.. of region c.
                 const uint32_t kb = Tr::kFused ? k_a : sbase + Tr::kOffK + c * (BN * 128) + kl0 * 128;
@@ -383,16 +397,33 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                     else Wgmma<64, kBf16>::ss_tt(acc_q, a, bk, 1);
                 }
             };
-            auto add_dq = [&](const float (&acc_q)[32], int c) {
+            // A thread's values: rows warp*16 + lane/4 (+ 8), columns c*64 + nt*8 + 2 (lane%4) (+ 1),
+            // chunk nt of a row stored at chunk nt ^ (row % 8) = nt ^ (lane / 4).
+            auto store_dq = [&](const float (&acc_q)[32], int c) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    if (row_ok[r]) {
+                    unsigned char* row = dq_p + c * (BM * 256) + (warp * 16 + lane / 4 + 8 * r) * 256 + (lane % 4) * 8;
 #pragma unroll
-                        for (int nt = 0; nt < 8; ++nt) {
-                            const int t = c * 64 + nt * 8 + (lane % 4) * 2;
-                            if (t < DG) red_add2(acc_row + 8 * r * D + t, acc_q[nt * 4 + 2 * r], acc_q[nt * 4 + 2 * r + 1]);
-                        }
+                    for (int nt = 0; nt < 8; ++nt)
+                        *reinterpret_cast<float2*>(row + ((nt ^ (lane / 4)) << 5)) =
+                            make_float2(acc_q[nt * 4 + 2 * r], acc_q[nt * 4 + 2 * r + 1]);
+                }
+            };
+            // This warp's 16 rows of panel c (columns 64c..) are in shared memory:
+            // its lane 0 adds those inside the sequence to the accumulator's
+            // panel, one contiguous range. (No warpgroup barrier: the warps'
+            // rows are disjoint.)
+            auto flush_dq = [&](int c) {
+                fence_proxy_async();
+                __syncwarp();
+                if (lane == 0) {
+                    const int v = min(BM, n_q - m0), rows = min(16, v - warp * 16);
+                    if (rows > 0) {
+                        const long long panel = (((long long)b * p.q_heads + h) * n_q + m0) * D + (long long)c * v * 64 +
+                                                warp * 16 * 64;
+                        bulk_reduce_add_f32(p.dq_acc + panel, dq_s + c * (BM * 256) + warp * 16 * 256, rows * 256);
                     }
+                    bulk_commit();
                 }
             };
             // The stage's operands (Q, dO) and small parts are read: release it
@@ -410,7 +441,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 wgmma_commit();
                 wgmma_wait<1>();
                 fence_regs(acc_q);
-                add_dq(acc_q, 0);
+                store_dq(acc_q, 0);
+                flush_dq(0);
             }
             if constexpr (KW / 64 == 2) {
                 float acc_q[32];
@@ -423,7 +455,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 release();
                 wgmma_wait<0>();
                 fence_regs(acc_q);
-                add_dq(acc_q, 1);
+                store_dq(acc_q, 1);
+                flush_dq(1);
             } else {
                 static_assert(KW / 64 == 1, "dQhat chunks");
                 wgmma_wait<0>();
@@ -432,6 +465,8 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
                 release();
             }
         }
+        // The reductions have completed before the CTA's shared memory goes.
+        if (lane == 0) bulk_wait_all();
 
         // ---- epilogue: dK (times scale) and dV (added to when an earlier launch wrote them) ----
         const float scale = p.scale;

@@ -79,6 +79,18 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const TmaDesc& map, int n
 #pragma unroll
         for (int r = 0; r < ROWS / 64; ++r) tma_box(dst + c * (ROWS * 128) + r * (64 * 128), map, c * 64, n0 + r * 64, hk, b, bar);
 }
+// Bulk reduction (TMA engine): adds `bytes` (a multiple of 16) of f32 at
+// shared `src` to global `dst` (both 16-byte aligned), in this thread's bulk
+// group; the writes to `src` must be fenced to the async proxy first.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk groups have read their shared-memory sources (.read) or completed.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }

@@ -6,7 +6,8 @@
 //! (`Delta = rowsum(dO ∘ O)`, zeroed dQ̂ accumulators, dO converted to the
 //! input type when it is f32), the main kernel (one CTA per 128 keys of a KV
 //! head: dK and dV in registers, summed over the query heads that share the
-//! KV head; dQ̂ added atomically to an f32 accumulator), and a row pass that
+//! KV head; dQ̂ added atomically to an f32 accumulator, on Hopper by bulk
+//! reductions of whole tiles), and a row pass that
 //! spreads dQ̂ to dQ through the fusion. The accumulators and Delta live in a
 //! caller-provided workspace ([`backward_workspace_len`] f32 elements). On
 //! compute capability 9.0 the main kernel is the Hopper one (`kernels/hbwd.cu`:
@@ -193,7 +194,8 @@ fn elements(x: Option<usize>) -> Result<usize> {
 }
 
 /// Offsets (f32 elements) of the workspace's parts: dQ̂ accumulators
-/// `[batch][q_heads][q_len][head_dim]` (f32), Delta `[batch][q_heads][q_len]`
+/// `[batch][q_heads][q_len][head_dim]` (f32 slots; each 64-row tile's values
+/// packed at its start, `dq_acc_index` in `kernels/bwd_params.cuh`), Delta `[batch][q_heads][q_len]`
 /// (f32, padded to 16 bytes), then in the input type and the same row
 /// layout as the accumulators: Q̂ and Q̃ when some head has G > 1, and dO
 /// when it is given in f32.
