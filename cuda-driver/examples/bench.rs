@@ -22,7 +22,8 @@
 //! backward pass; bf16 O, dO and gradients, as PyTorch's autograd has them)
 //! on N in {1024, 4096}: G = 1 (forward + backward) and G = 2 (plan +
 //! forward + backward), each also split into its forward and backward
-//! times. Effective TFLOP/s = 14·B·H·N²·D / time (forward 4, backward 10),
+//! times (G = 2 also plan + forward and forward + backward, to see what the
+//! parts cost back to back). Effective TFLOP/s = 14·B·H·N²·D / time (forward 4, backward 10),
 //! halved for causal. `sdpa_peer.py --backward --ours PATH` times
 //! `torch.autograd.grad` through SDPA on the same shapes.
 
@@ -188,9 +189,9 @@ mod backward {
         let ws_len = backward_workspace_len(&Config::with_group_size(2), &probe, DType::BF16).unwrap();
         let mut ws: DeviceBuffer<f32> = DeviceBuffer::from_slice(&vec![0f32; ws_len]).unwrap();
         println!(
-            "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | TFLOP/s: {:>5} {:>5}",
+            "{:>4} {:>6} {:>6} {:>3} {:>3} | {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | TFLOP/s: {:>5} {:>5}",
             "D", "N", "causal", "B", "H", "plan ms", "G1 fwd", "G1 bwd", "G1 f+b", "G2 fwd", "G2 bwd", "G2 p+f+b",
-            "G1", "G2"
+            "G2 p+f", "G2 f+b", "G1", "G2"
         );
         let dims: &[usize] = if a.quick { &[128] } else { &[64, 128] };
         let lens: &[usize] = if a.quick { &[4096] } else { &[1024, 4096] };
@@ -265,11 +266,14 @@ mod backward {
                     let g2_fwd = step(&c2, false, true, false);
                     let g2_bwd = step(&c2, false, false, true);
                     let g2_total = step(&c2, true, true, true);
+                    // Where a G = 2 step's time goes when its parts run back to back.
+                    let g2_pf = step(&c2, true, true, false);
+                    let g2_fb = step(&c2, false, true, true);
                     let flops =
                         14.0 * (b * h) as f64 * (n * n) as f64 * d as f64 / if causal { 2.0 } else { 1.0 };
                     let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
                     println!(
-                        "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1_fwd:>8.3} {g1_bwd:>8.3} {g1_total:>8.3} | {g2_fwd:>8.3} {g2_bwd:>8.3} {g2_total:>8.3} | {:>14.1} {:>5.1}",
+                        "{d:>4} {n:>6} {causal:>6} {b:>3} {h:>3} | {plan_ms:>8.3} | {g1_fwd:>8.3} {g1_bwd:>8.3} {g1_total:>8.3} | {g2_fwd:>8.3} {g2_bwd:>8.3} {g2_total:>8.3} | {g2_pf:>8.3} {g2_fb:>8.3} | {:>14.1} {:>5.1}",
                         tf(g1_total),
                         tf(g2_total)
                     );
@@ -278,7 +282,7 @@ mod backward {
                             f,
                             "{{\"d\": {d}, \"n\": {n}, \"causal\": {causal}, \"b\": {b}, \"h\": {h}, \"plan_ms\": {plan_ms}, \
                              \"g1_fwd_ms\": {g1_fwd}, \"g1_bwd_ms\": {g1_bwd}, \"g1_total_ms\": {g1_total}, \
-                             \"g2_fwd_ms\": {g2_fwd}, \"g2_bwd_ms\": {g2_bwd}, \"g2_total_ms\": {g2_total}}}"
+                             \"g2_fwd_ms\": {g2_fwd}, \"g2_bwd_ms\": {g2_bwd}, \"g2_total_ms\": {g2_total}, \"g2_plan_fwd_ms\": {g2_pf},                              \"g2_fwd_bwd_ms\": {g2_fb}}}"
                         )
                         .unwrap();
                     }
