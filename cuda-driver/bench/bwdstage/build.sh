@@ -31,7 +31,7 @@ for a in ${ALT:-}; do
     cp kernels/bwd.cu "$tmp/${a%%=*}_bwd.cu"
     vs="$vs ${a%%=*}"
 done
-flags="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DDA_DTYPE=bf16 -DDA_DTYPE_IS_BF16=1 -DDA_HEAD_DIM=128 -Ikernels"
+flags="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DDA_DTYPE=bf16 -DDA_DTYPE_IS_BF16=1 -DDA_HEAD_DIM=128 -Ikernels -Icuda-driver/bench"
 lib="$(dirname "$NVCC")/../lib"
 "$NVCC" -c $here/shadows.cpp -o "$tmp/shadows.o"
 rm -f "$dev"/bst/*.xz

@@ -21,33 +21,16 @@
 #include <cuda_runtime.h>
 
 #include HBWD_FILE
+#include "harness.cuh"
 
 // The row passes (rows.cu: bwd.cu, its own translation unit: the two files
 // declare the dynamic shared memory with different alignments).
 extern "C" __global__ void da_bwd_prep_bf16_d128(const BwdRowParams p);
 extern "C" __global__ void da_bwd_dq_bf16_d128(const BwdRowParams p);
 
-#define CK(x)                                                                                       \
-    do {                                                                                            \
-        cudaError_t e_ = (x);                                                                       \
-        if (e_ != cudaSuccess) {                                                                    \
-            std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            std::exit(1);                                                                           \
-        }                                                                                           \
-    } while (0)
-
 using T = __nv_bfloat16;
 constexpr int D = DA_HEAD_DIM, B = 16, H = 16, N = 4096, BR = 128;
 
-__global__ void fill(T* x, size_t n, uint32_t seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        x[i] = __float2bfloat16((float)(h & 0xFFFF) / 32768.f - 1.f);
-    }
-}
 __global__ void fill_f32(float* x, size_t n, float v) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) x[i] = v;
 }
@@ -65,7 +48,7 @@ struct Run {
         CK(cudaMalloc(&dq_acc, elems * 4));
         CK(cudaMalloc(&plan, (size_t)B * H * nb * D * 2));
         uint32_t seed = 1;
-        for (T* p : {q, k, v, o, d_out}) fill<<<1024, 256>>>(p, elems, seed++ * 0x9E3779B9u);
+        for (T* p : {q, k, v, o, d_out}) fill_bf16<<<1024, 256>>>(p, elems, seed++ * 0x9E3779B9u);
         // LSE near log(N) + 1/2 (random scores of unit variance): P stays in range.
         fill_f32<<<1024, 256>>>(lse, (size_t)B * H * N, 8.8f);
         CK(cudaGetLastError());

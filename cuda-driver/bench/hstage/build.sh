@@ -21,7 +21,7 @@ tmp=$(mktemp -d)
 if [ -n "${OLD_FILE:-}" ]; then cp "$OLD_FILE" "$tmp/hfwd_old.cu"; else git show "$old:kernels/hfwd.cu" > "$tmp/hfwd_old.cu"; fi
 if [ -n "${MID_FILE:-}" ]; then cp "$MID_FILE" "$tmp/hfwd_mid.cu"; else git show "$mid:kernels/hfwd.cu" > "$tmp/hfwd_mid.cu"; fi
 here=cuda-driver/bench/hstage
-flags="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DDA_HSTAGE -DDA_DTYPE=bf16 -DDA_DTYPE_IS_BF16=1 -Ikernels"
+flags="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DDA_HSTAGE -DDA_DTYPE=bf16 -DDA_DTYPE_IS_BF16=1 -Ikernels -Icuda-driver/bench"
 for d in 128 64; do
     "$NVCC" $flags -DDA_HEAD_DIM=$d -I$here -DHFWD_FILE='"hfwd_v2.cu"' -Dda=da_v2 -DHS_NS=hs_v2 -c $here/hstage_k.cu -o "$tmp/v2.o" &
     "$NVCC" $flags -DDA_HEAD_DIM=$d -I"$tmp" -DHFWD_FILE='"hfwd_old.cu"' -Dda=da_old -DHS_NS=hs_old ${OLD_FLAGS:-} -c $here/hstage_k.cu -o "$tmp/old.o" &

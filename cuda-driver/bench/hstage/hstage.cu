@@ -29,7 +29,7 @@
 #include <cuda_bf16.h>
 
 #include "common.cuh"
-#include "cuda_check.h"
+#include "harness.cuh"
 
 
 using T = __nv_bfloat16;
@@ -50,15 +50,6 @@ bool prof(unsigned long long* out, bool reset);
 bool timeline(unsigned long long* words);
 }
 using LaunchFn = bool (*)(int, int, const FwdParams&, const HTmaMaps&, dim3, cudaStream_t);
-__global__ void fill(T* x, size_t n, uint32_t seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        x[i] = __float2bfloat16((float)(h & 0xFFFF) / 32768.f - 1.f);
-    }
-}
 
 struct Problem {
     int B, H, N;
@@ -94,9 +85,9 @@ static Problem make(int B, int H, int N, bool causal, uint32_t seed) {
     CK(cudaMalloc(&pr.k, n * 2));
     CK(cudaMalloc(&pr.v, n * 2));
     CK(cudaMalloc(&pr.o, n * 2));
-    fill<<<1024, 256>>>(pr.q, n, seed);
-    fill<<<1024, 256>>>(pr.k, n, seed * 3 + 1);
-    fill<<<1024, 256>>>(pr.v, n, seed * 5 + 2);
+    fill_bf16<<<1024, 256>>>(pr.q, n, seed);
+    fill_bf16<<<1024, 256>>>(pr.k, n, seed * 3 + 1);
+    fill_bf16<<<1024, 256>>>(pr.v, n, seed * 5 + 2);
     const int nblk = (N + 127) / 128;
     std::vector<uint16_t> plan((size_t)B * H * nblk * D);
     std::mt19937 rng(seed);

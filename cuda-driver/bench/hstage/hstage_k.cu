@@ -5,7 +5,7 @@
 #include <cstdlib>
 
 #include HFWD_FILE
-#include "cuda_check.h"
+#include "harness.cuh"
 
 namespace HS_NS {
 using T = __nv_bfloat16;
