@@ -12,11 +12,14 @@ and 4 are timed as the plan alone (da_cuda_plan), the attention on that plan
 (da_cuda_attention) and the one-shot da_cuda_forward (plan + attention, plan
 in a stream-ordered workspace).
 
-Timing: CUDA events on the current stream after warm-up, median of the
-repetitions; before each timed call the GPU is kept busy (torch.cuda._sleep)
-so that host-side launch overhead (ctypes, argument checks, Python) is not
-counted for any variant; that overhead is measured on its own (host time per
-call). Effective TFLOP/s = 4*B*H*N^2*D / time, halved for causal, the same
+Timing: CUDA events on the current stream after warm-up, medians of the
+repetitions; the variants of a shape (FA2, cuDNN and ours) take turns, one
+timed call each per round in a rotating order, so that the GPU's clock and
+temperature drift (its SM clock under these loads was seen between 1.5 and
+1.85 GHz) falls on every variant alike; before each timed call the GPU is
+kept busy (torch.cuda._sleep) so that host-side launch overhead (ctypes,
+argument checks, Python) is not counted for any variant; that overhead is
+measured on its own (host time per call). Effective TFLOP/s = 4*B*H*N^2*D / time, halved for causal, the same
 count for every G.
 
 Accuracy: relative Frobenius error of every output against FA2's over the
@@ -47,21 +50,26 @@ TOKENS, WIDTH = 65536, 2048
 SLEEP_CYCLES = 2_000_000  # about 1 ms of GPU spinning ahead of each timed call
 
 
-def timed(fn, warmup, reps):
-    """Median milliseconds of `fn` between CUDA events, launch overhead hidden."""
-    for _ in range(warmup):
-        fn()
+def timed_together(fns, warmup, reps):
+    """Median milliseconds of each of `fns` (name -> callable) between CUDA
+    events, launch overhead hidden: `warmup` calls each in the given order,
+    then `reps` rounds of one timed call each, the order rotating per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     torch.cuda.synchronize()
-    ms = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        ms.append(start.elapsed_time(stop))
-    return statistics.median(ms)
+    names = list(fns)
+    ms = {name: [] for name in names}
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fns[name]()
+            stop.record()
+            stop.synchronize()
+            ms[name].append(start.elapsed_time(stop))
+    return {name: statistics.median(v) for name, v in ms.items()}
 
 
 def host_us(fn, calls=20):
@@ -158,37 +166,39 @@ def main():
                 flops = 4.0 * b * h * n * n * d / (2.0 if causal else 1.0)
                 tflops = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
                 row = dict(d=d, n=n, b=b, h=h, causal=causal)
-                outs = {}
+                # Every variant of this shape, timed together (plans before the attentions that read them).
+                fns, outs, ours = {}, {}, {}
                 for name, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    try:
+                    def call(backend=backend):
                         with sdpa_kernel(backend):
-                            call = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)  # noqa: E731
-                            row[f"{name}_ms"] = timed(call, args.warmup, args.reps)
-                            outs[name] = call().transpose(1, 2)
-                            if name == "fa2" and not host:
-                                host["sdpa_fa2_us"] = host_us(call)
+                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    try:
+                        outs[name] = call().transpose(1, 2)
+                        fns[name] = call
                     except RuntimeError as e:  # backend unavailable for this shape
                         print(f"{name} D={d} N={n} causal={causal}: {str(e).splitlines()[0]}", file=sys.stderr)
                         row[f"{name}_ms"] = float("nan")
                 for g in (1, 2, 4):
-                    out = torch.empty_like(q)
-                    o = Ours(q, k, v, out, causal, g)
+                    outs[f"g{g}"] = torch.empty_like(q)
+                    o = ours[g] = Ours(q, k, v, outs[f"g{g}"], causal, g)
                     if g == 1:
-                        row["g1_ms"] = timed(o.exact, args.warmup, args.reps)
+                        fns["g1"] = o.exact
+                    else:
+                        fns[f"g{g}_plan"], fns[f"g{g}_attn"], fns[f"g{g}_fwd"] = o.plan_only, o.attention, o.forward
+                for name, ms in timed_together(fns, args.warmup, args.reps).items():
+                    row[f"{name}_ms"] = ms
+                for g, o in ours.items():  # each output once more, for the accuracy columns
+                    if g == 1:
                         o.exact()
                     else:
-                        row[f"g{g}_plan_ms"] = timed(o.plan_only, args.warmup, args.reps)
-                        o.plan_only()
-                        row[f"g{g}_attn_ms"] = timed(o.attention, args.warmup, args.reps)
-                        row[f"g{g}_fwd_ms"] = timed(o.forward, args.warmup, args.reps)
                         o.forward()
-                        if g == 2 and "ctypes_forward_us" not in host:
-                            host["ctypes_forward_us"] = host_us(o.forward)
-                            host["module_forward_us"] = host_us(
-                                lambda: da.forward(q, k, v, o.config))
-                            host["at"] = dict(d=d, n=n, causal=causal)
-                    outs[f"g{g}"] = out
-                    del o
+                if "fa2" in fns and "sdpa_fa2_us" not in host:
+                    host["sdpa_fa2_us"] = host_us(fns["fa2"])
+                if "ctypes_forward_us" not in host:
+                    host["ctypes_forward_us"] = host_us(ours[2].forward)
+                    host["module_forward_us"] = host_us(lambda: da.forward(q, k, v, ours[2].config))
+                    host["at"] = dict(d=d, n=n, causal=causal)
+                del ours, fns
                 torch.cuda.synchronize()
                 ref = reference_slice(q, k, v, causal)
                 for name, out in outs.items():
@@ -208,7 +218,8 @@ def main():
 
     lines = [f"# DistrAttention via the C ABI (ctypes) vs PyTorch SDPA, {dev}", "",
              f"torch {meta['torch']}, cuDNN {meta['cudnn']}, libdistr_attention {meta['library']}; "
-             f"medians of {args.reps} after {args.warmup} warm-up, CUDA events, launch overhead hidden. "
+             f"medians of {args.reps} rounds after {args.warmup} warm-up calls, every variant of a shape once per "
+             "round in a rotating order, CUDA events, launch overhead hidden. "
              "Effective TFLOP/s = 4*B*H*N^2*D / time (halved for causal), bf16, B*N = 65536, H*D = 2048; ours: "
              "block_rows 128, P 16, Mean, bf16 output. G=k fwd = da_cuda_forward (plan + attention); "
              "plan and attn are the two parts timed alone.", "",
