@@ -20,6 +20,13 @@ Per variant, medians over the repetitions after warm-up, CUDA events:
   host   host microseconds to issue forward + backward with the GPU busy.
 
     DA_LIBRARY=.../libdistr_attention.so python3 cuda-driver/bench/autograd_bench.py [--out FILE]
+
+--bar: instead, issue 7's training-step shapes (bf16, B*N = 65536,
+H*D = 2048, N = 4096, D in {128, 64}, causal and not): SDPA's FA2 and cuDNN
+backends against ours at G = 1 and G = 2 (l = 128, plan included), device
+time of forward + backward (the GPU kept busy ahead of each call), every
+variant of a shape taking turns in rotating rounds so that clock drift
+under load falls on all of them alike.
 """
 import argparse
 import json
@@ -61,10 +68,82 @@ def measure(fn, warmup=5, reps=30):
     return statistics.median(step), statistics.median(gpu), statistics.median(host)
 
 
+def measure_together(fns, warmup=3, reps=15):
+    """Median device milliseconds of each of `fns` (name -> callable), the GPU
+    kept busy ahead of each call: `warmup` calls each, then `reps` rounds of
+    one timed call each, the order rotating per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    names = list(fns)
+    ms = {name: [] for name in names}
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fns[name]()
+            stop.record()
+            stop.synchronize()
+            ms[name].append(start.elapsed_time(stop))
+    return {name: statistics.median(v) for name, v in ms.items()}
+
+
+def bar(out):
+    """--bar: issue 7's shapes, every variant of a shape interleaved."""
+    rows = []
+    for d, n, causal in ((128, 4096, False), (128, 4096, True), (64, 4096, False), (64, 4096, True)):
+        b, h = 65536 // n, 2048 // d
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        d_out = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+
+        def sdpa(backend):
+            def fn():
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal)
+                    out.backward(d_out.transpose(1, 2))
+            return fn
+
+        def ours(g):
+            cfg = da.Config(group_size=g, causal=causal, block_rows=128)
+
+            def fn():
+                da.distr_attention(q, k, v, cfg).backward(d_out)
+            return fn
+
+        fns = {"fa2": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+               "g1": ours(1), "g2": ours(2)}
+        row = dict(d=d, n=n, b=b, h=h, causal=causal, **{f"{k_}_ms": v_ for k_, v_ in measure_together(fns).items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, d_out, fns
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"libdistr_attention {da.version()}: forward + backward device ms (median of 15 interleaved rounds), "
+          "bf16, B*N = 65536, H*D = 2048; ours through the autograd Function (G = 2: plan + forward + backward); "
+          "ratio = peer ms / ours ms")
+    print("| D | N | causal | FA2 | cuDNN | G=1 | G=2 | G=1/FA2 | G=2/FA2 | G=2/cuDNN |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | {r['fa2_ms']:.2f} | {r['cudnn_ms']:.2f} | "
+              f"{r['g1_ms']:.2f} | {r['g2_ms']:.2f} | {r['fa2_ms'] / r['g1_ms']:.2f} | {r['fa2_ms'] / r['g2_ms']:.2f} | "
+              f"{r['cudnn_ms'] / r['g2_ms']:.2f} |")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--bar", action="store_true", help="issue 7's shapes, variants interleaved")
     args = ap.parse_args()
+    if args.bar:
+        bar(args.out)
+        return
     torch.manual_seed(0)
     B, HQ, HKV, D = 4, 9, 3, 64
     dtype = torch.bfloat16
