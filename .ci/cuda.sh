@@ -80,6 +80,10 @@ cargo clippy -p distr-attention-cuda --features cuda --all-targets -- -D warning
 echo "== cargo test -p distr-attention-cuda --features cuda"
 cargo test -p distr-attention-cuda --features cuda -- --nocapture
 
+# The wgmma wrappers are generated: the committed header is the generator's output.
+echo "== kernels/wgmma_ops.cuh is kernels/gen_wgmma.py's output"
+python3 kernels/gen_wgmma.py | diff -q - kernels/wgmma_ops.cuh
+
 # The LSH plan kernel's logic under the host emulation (no GPU needed):
 # fragments, the split of R, the tile pipeline (one or two tiles), the sort.
 echo "== kernels/emu/plan_emu"
