@@ -745,15 +745,6 @@ __device__ __forceinline__ void dq_body(const BwdRowParams& p) {
 
 }  // namespace da
 
-#define DA_CAT_(a, b) a##b
-#define DA_CAT(a, b) DA_CAT_(a, b)
-
-#if DA_DTYPE_IS_BF16
-#define DA_T __nv_bfloat16
-#else
-#define DA_T __half
-#endif
-
 #define DA_BWD_PREFIX DA_CAT(DA_CAT(DA_CAT(da_bwd_, DA_DTYPE), _d), DA_HEAD_DIM)
 
 // da_bwd_<dtype>_d<D>_g<G> and its dynamic shared-memory size da_bwd_<dtype>_d<D>_g<G>_smem.

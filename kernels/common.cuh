@@ -10,6 +10,17 @@
 
 #include "inverse_gray.cuh"
 
+// Names of the attention units' entry points: DA_CAT pastes tokens
+// (da_<kernel>_<dtype>_d<D>_g<G>...), DA_T is the unit's element type (the
+// build script defines DA_DTYPE and DA_DTYPE_IS_BF16 per unit).
+#define DA_CAT_(a, b) a##b
+#define DA_CAT(a, b) DA_CAT_(a, b)
+#if DA_DTYPE_IS_BF16
+#define DA_T __nv_bfloat16
+#else
+#define DA_T __half
+#endif
+
 // Query heads one attention launch can address through `head_map`.
 #define DA_HEAD_MAP_MAX 256
 

@@ -469,16 +469,6 @@ __device__ __forceinline__ void fwd_body(const FwdParams& p) {
 
 }  // namespace da
 
-#define DA_CAT_(a, b) a##b
-#define DA_CAT(a, b) DA_CAT_(a, b)
-#define DA_STR_(a) #a
-
-#if DA_DTYPE_IS_BF16
-#define DA_T __nv_bfloat16
-#else
-#define DA_T __half
-#endif
-
 // da_fwd_<dtype>_d<D>_g<G>_l<BM>, and its dynamic shared-memory size as a
 // device constant da_fwd_<dtype>_d<D>_g<G>_l<BM>_smem (read by the driver).
 #define DA_FWD(G, BM)                                                                                      \

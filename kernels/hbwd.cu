@@ -526,15 +526,6 @@ __device__ __forceinline__ void hbwd_body(const BwdParams& p) {
 
 }  // namespace da
 
-#define DA_CAT_(a, b) a##b
-#define DA_CAT(a, b) DA_CAT_(a, b)
-
-#if DA_DTYPE_IS_BF16
-#define DA_T __nv_bfloat16
-#else
-#define DA_T __half
-#endif
-
 #if DA_HOPPER
 #define DA_HBBODY(G) da::hbwd_body<DA_T, DA_HEAD_DIM, G>(p);
 #else

@@ -681,15 +681,6 @@ __device__ __forceinline__ void hfwd_body(const FwdParams& p, const HTmaMaps& ma
 }  // namespace da
 
 #ifndef DA_HSTAGE   // cuda-driver/bench/hstage defines its own entry points
-#define DA_CAT_(a, b) a##b
-#define DA_CAT(a, b) DA_CAT_(a, b)
-
-#if DA_DTYPE_IS_BF16
-#define DA_T __nv_bfloat16
-#else
-#define DA_T __half
-#endif
-
 #if DA_HOPPER
 #define DA_HBODY(G) da::hfwd_body<DA_T, DA_HEAD_DIM, G>(p, maps);
 #else
