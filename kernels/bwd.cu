@@ -531,42 +531,9 @@ __device__ __forceinline__ void bwd_body(const BwdParams& p) {
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
             const int col = dt * 8 + c2;
-            float2 k2 = make_float2(acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale);
-            float2 v2 = make_float2(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
-            if (p.dk_f32) {
-                float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.dk) + ok + col);
-                if (accum) {
-                    const float2 old = *dst;
-                    k2.x += old.x;
-                    k2.y += old.y;
-                }
-                *dst = k2;
-            } else {
-                uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + ok + col);
-                if (accum) {
-                    const T* old = reinterpret_cast<const T*>(dst);
-                    k2.x += Nm::to_float(old[0]);
-                    k2.y += Nm::to_float(old[1]);
-                }
-                *dst = Nm::pack(k2.x, k2.y);
-            }
-            if (p.dv_f32) {
-                float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.dv) + ov + col);
-                if (accum) {
-                    const float2 old = *dst;
-                    v2.x += old.x;
-                    v2.y += old.y;
-                }
-                *dst = v2;
-            } else {
-                uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + ov + col);
-                if (accum) {
-                    const T* old = reinterpret_cast<const T*>(dst);
-                    v2.x += Nm::to_float(old[0]);
-                    v2.y += Nm::to_float(old[1]);
-                }
-                *dst = Nm::pack(v2.x, v2.y);
-            }
+            store_grad2<T>(p.dk, p.dk_f32, ok + col, make_float2(acc_dk[dt][2 * r] * scale, acc_dk[dt][2 * r + 1] * scale),
+                           accum);
+            store_grad2<T>(p.dv, p.dv_f32, ov + col, make_float2(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]), accum);
         }
     }
 }

@@ -80,6 +80,30 @@ __device__ __forceinline__ void red_add2(float* addr, float a, float b) {
 #endif
 }
 
+// Stores the pair `v` at element `off` of a dK or dV buffer (f32 when `f32`,
+// else T), added to what is there when `accum` (a KV head's gradients summed
+// over the launches of mixed group sizes).
+template <typename T>
+__device__ __forceinline__ void store_grad2(void* base, bool f32, long long off, float2 v, bool accum) {
+    if (f32) {
+        float2* dst = reinterpret_cast<float2*>(static_cast<float*>(base) + off);
+        if (accum) {
+            const float2 old = *dst;
+            v.x += old.x;
+            v.y += old.y;
+        }
+        *dst = v;
+    } else {
+        uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(base) + off);
+        if (accum) {
+            const T* old = reinterpret_cast<const T*>(dst);
+            v.x += Num<T>::to_float(old[0]);
+            v.y += Num<T>::to_float(old[1]);
+        }
+        *dst = Num<T>::pack(v.x, v.y);
+    }
+}
+
 // Index of dQhat element (row i, column t < dg) of a head in the f32
 // accumulator (`dq_acc`, workspace), `head_row0` = (b * q_heads + h) * q_len.
 // A head's rows come in tiles of 64 (tile start m0 = i - i % 64, v = min(64,
