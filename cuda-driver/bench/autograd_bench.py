@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
 import distr_attention as da  # noqa: E402
+from interleave import timed_together  # noqa: E402  (beside this file)
 
 SLEEP_CYCLES = 4_000_000  # a few ms of GPU spinning ahead of a timed call
 
@@ -68,29 +69,6 @@ def measure(fn, warmup=5, reps=30):
     return statistics.median(step), statistics.median(gpu), statistics.median(host)
 
 
-def measure_together(fns, warmup=3, reps=15):
-    """Median device milliseconds of each of `fns` (name -> callable), the GPU
-    kept busy ahead of each call: `warmup` calls each, then `reps` rounds of
-    one timed call each, the order rotating per round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    names = list(fns)
-    ms = {name: [] for name in names}
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP_CYCLES)
-            start.record()
-            fns[name]()
-            stop.record()
-            stop.synchronize()
-            ms[name].append(start.elapsed_time(stop))
-    return {name: statistics.median(v) for name, v in ms.items()}
-
-
 def bar(out):
     """--bar: issue 7's shapes, every variant of a shape interleaved."""
     rows = []
@@ -116,7 +94,8 @@ def bar(out):
 
         fns = {"fa2": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
                "g1": ours(1), "g2": ours(2)}
-        row = dict(d=d, n=n, b=b, h=h, causal=causal, **{f"{k_}_ms": v_ for k_, v_ in measure_together(fns).items()})
+        ms = timed_together(fns, 3, 15, SLEEP_CYCLES)
+        row = dict(d=d, n=n, b=b, h=h, causal=causal, **{f"{k_}_ms": v_ for k_, v_ in ms.items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
         del q, k, v, d_out, fns

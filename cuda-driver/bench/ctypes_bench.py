@@ -45,31 +45,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
 import distr_attention as da  # noqa: E402
+from interleave import timed_together  # noqa: E402  (beside this file)
 
 TOKENS, WIDTH = 65536, 2048
 SLEEP_CYCLES = 2_000_000  # about 1 ms of GPU spinning ahead of each timed call
-
-
-def timed_together(fns, warmup, reps):
-    """Median milliseconds of each of `fns` (name -> callable) between CUDA
-    events, launch overhead hidden: `warmup` calls each in the given order,
-    then `reps` rounds of one timed call each, the order rotating per round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    names = list(fns)
-    ms = {name: [] for name in names}
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            torch.cuda._sleep(SLEEP_CYCLES)
-            start.record()
-            fns[name]()
-            stop.record()
-            stop.synchronize()
-            ms[name].append(start.elapsed_time(stop))
-    return {name: statistics.median(v) for name, v in ms.items()}
 
 
 def host_us(fn, calls=20):
@@ -185,7 +164,7 @@ def main():
                         fns["g1"] = o.exact
                     else:
                         fns[f"g{g}_plan"], fns[f"g{g}_attn"], fns[f"g{g}_fwd"] = o.plan_only, o.attention, o.forward
-                for name, ms in timed_together(fns, args.warmup, args.reps).items():
+                for name, ms in timed_together(fns, args.warmup, args.reps, SLEEP_CYCLES).items():
                     row[f"{name}_ms"] = ms
                 for g, o in ours.items():  # each output once more, for the accuracy columns
                     if g == 1:
